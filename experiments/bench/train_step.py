@@ -1,0 +1,312 @@
+r"""Train-step throughput: m2 (JAX, jitted) vs transformers (PyTorch) Qwen2ForCausalLM.
+
+One run, both implementations side by side on the same config and batch:
+  * m2:           `init_train_state` + `make_train_step` + `lm_loss`, AdamW from
+                  `m2.train.optimizer` (global-norm clip 1.0, decay on matrices only).
+  * transformers: `Qwen2ForCausalLM` + `torch.optim.AdamW` with the same
+                  hyper-parameters, `clip_grad_norm_(1.0)`, two parameter groups
+                  (decay on matrices only), the same full next-token loss.
+Both compute the loss over all B x T positions (logits for every token).
+
+Timing: compile/warm up first, then `--repeats` rounds; in each round m2 and
+transformers each run `--steps` steps back to back (alternating, so noise from
+other work on the machine hits both). The figure reported is the median round.
+
+FLOPs per step (PaLM appendix B, fwd + bwd, no credit for causal masking):
+    6 * N * B * T  +  12 * L * H * Dh * T * B * T
+where N counts the parameters that take part in matmuls: every layer weight
+(attention, MLP, norms, biases) plus the LM head; the input embedding is a
+lookup and is left out (with tied embeddings the shared table counts once, as
+the head). H * Dh is the total query width (= d_model for the tiny config).
+MFU = achieved FLOP/s / peak, where the peak is measured in this run with a
+jitted `jnp.dot` of two `--peak_n` square matrices in `--dtype`.
+
+XLA CPU flags: on CPU the script appends `--xla_cpu_use_onednn=true
+--xla_cpu_experimental_onednn_fusion_type=dot` to XLA_FLAGS (before jax is
+imported; what is already there is kept) — XLA's own small matmuls are weaker
+than oneDNN's on this CPU. `--xla_cpu_flags=""` turns that off.
+
+Command (2-core CPU, about 2 minutes):
+    /tmp/venv/bin/python experiments/bench/train_step.py
+GPU, m2 only, a ~1.5B model:
+    python experiments/bench/train_step.py --preset=qwen2_5_1_5b --dtype=bfloat16 \
+        --batch=4 --seq=1024 --skip_hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+DEFAULT_CPU_XLA_FLAGS = ("--xla_cpu_use_onednn=true "
+                         "--xla_cpu_experimental_onednn_fusion_type=dot")
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--steps", type=int, default=10, help="timed steps per round and impl")
+  p.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=256)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype (weights and optimizer state stay float32)")
+  p.add_argument("--preset", default="tiny",
+                 help="m2.model.config preset name (tiny, qwen2_5_0_5b, qwen2_5_1_5b, ...)")
+  p.add_argument("--remat", default="none", help="m2 remat policy")
+  p.add_argument("--skip_hf", action="store_true", help="time m2 only")
+  p.add_argument("--peak_n", type=int, default=0,
+                 help="side of the square matmul that measures the peak (0: 4096 on CPU, "
+                      "8192 on GPU)")
+  p.add_argument("--xla_cpu_flags", default=DEFAULT_CPU_XLA_FLAGS,
+                 help="appended to XLA_FLAGS when running on CPU")
+  p.add_argument("--platform", default="auto", choices=("auto", "cpu", "gpu"),
+                 help="auto: GPU if an NVIDIA device is visible, else CPU")
+  p.add_argument("--seed", type=int, default=0)
+  return p.parse_args(argv)
+
+
+def _on_cpu(platform: str) -> bool:
+  if platform != "auto":
+    return platform == "cpu"
+  env = os.environ.get("JAX_PLATFORMS", "")
+  if env:
+    return env.split(",")[0].strip() == "cpu"
+  return not pathlib.Path("/dev/nvidia0").exists()
+
+
+ARGS = parse_args()
+ON_CPU = _on_cpu(ARGS.platform)
+if ON_CPU and ARGS.xla_cpu_flags.strip():
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ARGS.xla_cpu_flags).strip()
+if ON_CPU:
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+
+import jax  # noqa: E402  (XLA_FLAGS must be set first)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from m2 import parallel  # noqa: E402
+from m2.model import Transformer, preset  # noqa: E402
+from m2.train import optimizer as optim  # noqa: E402
+from m2.train.state import init_train_state, lm_loss, make_train_step  # noqa: E402
+
+OPT = optim.OptimizerConfig(learning_rate=3e-4, warmup_steps=0, b1=0.9, b2=0.95, eps=1e-8,
+                            weight_decay=0.1, grad_clip_norm=1.0)
+
+
+# --- FLOPs and peak -----------------------------------------------------------------
+
+def matmul_params(cfg) -> int:
+  """Parameters that take part in matmuls: all layer weights plus the LM head."""
+  return cfg.num_params() - cfg.vocab_size * cfg.embed_dim * (0 if cfg.tie_embeddings else 1) \
+      - cfg.embed_dim  # final norm scale: elementwise
+
+
+def step_flops(cfg, batch: int, seq: int) -> tuple[float, float]:
+  dense = 6.0 * matmul_params(cfg) * batch * seq
+  attn = 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq * seq * batch
+  return dense, attn
+
+
+def measure_peak(n: int, dtype, repeats: int = 7) -> float:
+  """GFLOP/s of a jitted square matmul: the best of `repeats` timed calls."""
+  ka, kb = jax.random.split(jax.random.PRNGKey(1))
+  a = jax.random.normal(ka, (n, n), dtype)
+  b = jax.random.normal(kb, (n, n), dtype)
+  f = jax.jit(jnp.dot)
+  f(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 / best / 1e9
+
+
+# --- data ---------------------------------------------------------------------------
+
+def make_batch(cfg, batch: int, seq: int, seed: int):
+  rng = np.random.default_rng(seed)
+  toks = rng.integers(0, cfg.vocab_size, size=(batch, seq + 1), dtype=np.int32)
+  return toks[:, :-1], toks[:, 1:]
+
+
+# --- m2 -----------------------------------------------------------------------------
+
+class M2Runner:
+  name = "m2"
+
+  def __init__(self, cfg, inputs, targets, seed):
+    mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    tx = optim.make_optimizer(OPT)
+    graphdef, self.state, shardings = init_train_state(
+        lambda: Transformer(cfg, rngs=nnx.Rngs(seed)), tx, mesh)
+    self.step_fn = make_train_step(graphdef, tx, lm_loss, mesh, shardings)
+    b, t = inputs.shape
+    batch = {
+        "inputs": inputs, "targets": targets,
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)),
+        "segments": np.ones((b, t), np.int32),
+        "loss_mask": np.ones((b, t), np.int32),
+    }
+    sharding = parallel.data_sharding(mesh)
+    self.batch = {k: jax.device_put(np.ascontiguousarray(v), sharding)
+                  for k, v in batch.items()}
+    self.metrics = None
+
+  def compile(self) -> float:
+    t0 = time.perf_counter()
+    self.run(1)
+    return time.perf_counter() - t0
+
+  def run(self, n: int) -> float:
+    for _ in range(n):
+      self.state, self.metrics = self.step_fn(self.state, self.batch)
+    return float(self.metrics["loss"])  # blocks
+
+
+# --- transformers -------------------------------------------------------------------
+
+class HFRunner:
+  name = "transformers"
+
+  def __init__(self, cfg, inputs, targets, seed, dtype: str):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    self.torch = torch
+    torch.manual_seed(seed)
+    self.device = "cuda" if (not ON_CPU and torch.cuda.is_available()) else "cpu"
+    hf_cfg = cfg.to_hf_config()
+    hf_cfg.pop("architectures", None)
+    hf_cfg.pop("torch_dtype", None)
+    hf_cfg["initializer_range"] = 0.02
+    config = Qwen2Config(**hf_cfg)
+    self.model = Qwen2ForCausalLM(config).to(self.device, torch.float32).train()
+    self.attn_impl = getattr(self.model.config, "_attn_implementation", "?")
+    decay, no_decay = [], []
+    for name, p in self.model.named_parameters():
+      (no_decay if p.ndim < 2 or name.endswith("bias") else decay).append(p)
+    # m2's embedding table is a matrix and so decays, as here.
+    self.opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": OPT.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=OPT.learning_rate, betas=(OPT.b1, OPT.b2), eps=OPT.eps)
+    self.inputs = torch.from_numpy(np.ascontiguousarray(inputs)).long().to(self.device)
+    self.targets = torch.from_numpy(np.ascontiguousarray(targets)).long().to(self.device)
+    self.autocast = dtype == "bfloat16"
+    self.loss = None
+
+  def _step(self):
+    torch = self.torch
+    self.opt.zero_grad(set_to_none=True)
+    with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
+      logits = self.model(input_ids=self.inputs).logits
+    loss = torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), self.targets.flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.model.parameters(), OPT.grad_clip_norm)
+    self.opt.step()
+    return loss
+
+  def compile(self) -> float:
+    t0 = time.perf_counter()
+    self.run(1)
+    return time.perf_counter() - t0
+
+  def run(self, n: int) -> float:
+    for _ in range(n):
+      loss = self._step()
+    if self.device == "cuda":
+      self.torch.cuda.synchronize()
+    return float(loss.detach())
+
+
+# --- main ---------------------------------------------------------------------------
+
+def main():
+  args = ARGS
+  cfg = preset(args.preset, dtype=args.dtype, remat_policy=args.remat)
+  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  tokens = args.batch * args.seq
+
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} "
+        f"({jax.device_count()} device(s), {os.cpu_count()} CPU cores)")
+  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"config: preset={args.preset} layers={cfg.num_layers} d={cfg.embed_dim} "
+        f"heads={cfg.num_heads}/{cfg.num_kv_heads} head_dim={cfg.head_dim} mlp={cfg.mlp_dim} "
+        f"vocab={cfg.vocab_size} tied={cfg.tie_embeddings} dtype={cfg.dtype} "
+        f"remat={cfg.remat_policy}; batch {args.batch} x {args.seq} = {tokens} tokens/step")
+
+  peak_n = args.peak_n or (4096 if ON_CPU else 8192)
+  peak = measure_peak(peak_n, dtype)
+  print(f"peak: jitted jnp.dot {peak_n}x{peak_n} {args.dtype}: {peak:.1f} GFLOP/s")
+
+  inputs, targets = make_batch(cfg, args.batch, args.seq, args.seed)
+  runners = [M2Runner(cfg, inputs, targets, args.seed)]
+  if not args.skip_hf:
+    hf = HFRunner(cfg, inputs, targets, args.seed, args.dtype)
+    print(f"transformers {__import__('transformers').__version__}, torch "
+          f"{hf.torch.__version__} ({hf.torch.get_num_threads()} threads, "
+          f"attn={hf.attn_impl}, device={hf.device})")
+    runners.append(hf)
+
+  first_loss = {}
+  for r in runners:
+    secs = r.compile()
+    first_loss[r.name] = r.run(args.warmup) if args.warmup else float("nan")
+    print(f"{r.name}: first step (compile) {secs:.1f} s, loss after warm-up "
+          f"{first_loss[r.name]:.4f}")
+
+  per_step = {r.name: [] for r in runners}
+  for rep in range(args.repeats):
+    for r in runners:
+      t0 = time.perf_counter()
+      r.run(args.steps)
+      per_step[r.name].append((time.perf_counter() - t0) / args.steps)
+    print("round %d: %s" % (rep, "  ".join(f"{k} {v[-1] * 1e3:.1f} ms/step"
+                                           for k, v in per_step.items())))
+
+  dense, attn = step_flops(cfg, args.batch, args.seq)
+  flops = dense + attn
+  print(f"\nFLOPs/step = 6*N*tokens + 12*L*H*Dh*T^2*B = 6*{matmul_params(cfg):,}*{tokens} + "
+        f"12*{cfg.num_layers}*{cfg.num_heads * cfg.head_dim}*{args.seq}^2*{args.batch} "
+        f"= {dense / 1e9:.2f} + {attn / 1e9:.2f} = {flops / 1e9:.2f} GFLOP")
+  rows = []
+  for name, times in per_step.items():
+    med = statistics.median(times)
+    rows.append((name, med, min(times), tokens / med, flops / med / 1e9,
+                 flops / med / 1e9 / peak))
+  hdr = f"{'impl':<14}{'ms/step':>10}{'best ms':>10}{'tok/s':>10}{'GFLOP/s':>10}{'MFU':>8}"
+  print(hdr)
+  print("-" * len(hdr))
+  for name, med, best, tps, gfl, mfu in rows:
+    print(f"{name:<14}{med * 1e3:>10.1f}{best * 1e3:>10.1f}{tps:>10.0f}{gfl:>10.1f}"
+          f"{mfu * 100:>7.1f}%")
+  m2_tps = rows[0][3]
+  hf_tps = rows[1][3] if len(rows) > 1 else None
+  ratio = m2_tps / hf_tps if hf_tps else None
+  if ratio:
+    print(f"ratio m2 / transformers: {ratio:.2f}x")
+  print(f"peak (measured): {peak:.1f} GFLOP/s")
+  result = {"bench": "train_step", "m2_tok_s": round(m2_tps, 1),
+            "hf_tok_s": round(hf_tps, 1) if hf_tps else None,
+            "ratio": round(ratio, 3) if ratio else None,
+            "mfu": round(rows[0][5], 4),
+            "hf_mfu": round(rows[1][5], 4) if len(rows) > 1 else None,
+            "peak_gflops": round(peak, 1), "preset": args.preset, "dtype": args.dtype,
+            "batch": args.batch, "seq": args.seq}
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()

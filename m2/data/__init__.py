@@ -1,0 +1,1 @@
+"""Record loaders, tokenizers and grain pipelines."""

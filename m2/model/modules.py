@@ -1,0 +1,146 @@
+"""Layers of the Qwen2/Qwen3 Transformer: RMSNorm, RoPE, attention, SwiGLU MLP.
+
+Layout choices, all for speed on small and large shapes alike:
+  * q, k and v come from one fused kernel [embed, kv_heads, q_per_kv + 2, head_dim]:
+    query heads are stored grouped under the kv head they attend with, so GQA is
+    a reshape (no repeated K/V) and tensor parallelism over `kv_heads` keeps
+    whole groups on one shard.
+  * gate and up projections are one kernel [embed, 2, mlp].
+  * the KV cache is [batch, kv_heads, length, head_dim] per layer.
+Every parameter carries `logical_axes` metadata; `m2.parallel` maps it to a mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m2 import parallel
+from m2.model.config import ModelConfig
+
+_init = nnx.initializers.normal(stddev=0.02)
+
+
+def param(rngs: nnx.Rngs | None, shape, axes, dtype, init=_init) -> nnx.Param:
+  value = init(rngs.params(), shape, dtype) if rngs is not None else jnp.zeros(shape, dtype)
+  return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, cfg: ModelConfig, *, axis_name: str = "norm"):
+    self.scale = nnx.Param(jnp.ones((dim,), cfg.weight_dtype), logical_axes=(axis_name,))
+    self.eps = eps
+
+  def __call__(self, x):
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale[...].astype(jnp.float32)).astype(dtype)
+
+
+def rope(x, positions, theta: float):
+  """Rotary embedding, HF "rotate_half" convention. x: [..., T, heads..., D]."""
+  d = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  # Broadcast over the head axes between T and D.
+  angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[-1:])
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    e, k, g, d = cfg.embed_dim, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
+    wd = cfg.weight_dtype
+    self.qkv = param(rngs, (e, k, g + 2, d), ("embed", "kv_heads", "heads", "head_dim"), wd)
+    self.qkv_bias = (param(None, (k, g + 2, d), ("kv_heads", "heads", "head_dim"), wd)
+                     if cfg.qkv_bias else None)
+    self.out = param(rngs, (k, g, d, e), ("kv_heads", "heads", "head_dim", "embed"), wd)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg, axis_name="head_dim")
+      self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg, axis_name="head_dim")
+
+  def __call__(self, x, positions, q_segments, kv_cache=None, cache_segments=None,
+               cache_index=None):
+    """x: [B, T, E]. Returns (y, (k, v)) where (k, v) is the updated layer cache.
+
+    Without a cache, keys are this call's tokens. With one, the T new keys are
+    written at `cache_index` and queries attend to every valid cached slot up
+    to their own; `cache_segments` (0 = empty or padding) marks validity.
+    """
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    g = cfg.q_per_kv
+    qkv = jnp.einsum("bte,ekgd->btkgd", x, self.qkv[...].astype(dt))
+    if self.qkv_bias is not None:
+      qkv = qkv + self.qkv_bias[...].astype(dt)
+    q, k, v = qkv[..., :g, :], qkv[..., g, :], qkv[..., g + 1, :]
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = rope(q, positions, cfg.rope_theta)  # [B, T, K, G, D]
+    k = rope(k, positions, cfg.rope_theta)  # [B, T, K, D]
+    q = parallel.constrain(q, ("batch", "length", "kv_heads", "heads", "head_dim"))
+
+    t = x.shape[1]
+    k = k.transpose(0, 2, 1, 3)  # [B, K, T, D]
+    v = v.transpose(0, 2, 1, 3)
+    if kv_cache is None:
+      q_slots = jnp.arange(t)
+      k_slots, k_segments = q_slots, q_segments
+    else:
+      cache_k, cache_v = kv_cache
+      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, cache_index, 0))
+      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, cache_index, 0))
+      q_slots = cache_index + jnp.arange(t)
+      k_slots, k_segments = jnp.arange(k.shape[2]), cache_segments
+
+    mask = ((q_slots[:, None] >= k_slots[None, :])[None]
+            & (q_segments[:, :, None] == k_segments[:, None, :])
+            & (k_segments[:, None, :] != 0))  # [B, T, S]
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(dt)) * (cfg.head_dim ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    attn = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dt))
+    y = jnp.einsum("btkgd,kgde->bte", attn, self.out[...].astype(dt))
+    return y, (k, v)
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    wd = cfg.weight_dtype
+    self.gate_up = param(rngs, (cfg.embed_dim, 2, cfg.mlp_dim), ("embed", None, "mlp"), wd)
+    self.down = param(rngs, (cfg.mlp_dim, cfg.embed_dim), ("mlp", "embed"), wd)
+
+  def __call__(self, x):
+    dt = self.cfg.compute_dtype
+    h = jnp.einsum("bte,eim->btim", x, self.gate_up[...].astype(dt))
+    h = parallel.constrain(h, ("batch", "length", None, "mlp"))
+    h = jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
+    return jnp.einsum("btm,me->bte", h, self.down[...].astype(dt))
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.embed_dim, cfg.rms_norm_eps, cfg)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.rms_norm_eps, cfg)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, positions, segments, kv_cache=None, cache_segments=None,
+               cache_index=None):
+    h, kv = self.attn(self.attn_norm(x), positions, segments, kv_cache, cache_segments,
+                      cache_index)
+    x = x + h
+    x = x + self.mlp(self.mlp_norm(x))
+    return parallel.constrain(x, ("batch", "length", "embed")), kv

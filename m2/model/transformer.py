@@ -1,0 +1,113 @@
+"""The decoder-only Transformer (Qwen2/Qwen3 families) in Flax NNX.
+
+Layers are stacked on a leading `layers` axis and run with `jax.lax.scan`, so a
+64-layer model compiles as fast as a 1-layer one. The scan body is wrapped in
+`jax.checkpoint` with the configured remat policy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m2 import parallel
+from m2.model.cache import KVCache
+from m2.model.config import ModelConfig
+from m2.model.modules import Block, RMSNorm, param
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
+}
+
+
+class Transformer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"),
+                       cfg.weight_dtype)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0,
+              transform_metadata={nnx.PARTITION_NAME: None, "logical_axes": "layers"})
+    def make_blocks(rngs):
+      return Block(cfg, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = RMSNorm(cfg.embed_dim, cfg.rms_norm_eps, cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"),
+                           cfg.weight_dtype)
+
+  def __call__(self, tokens, positions=None, segments=None, cache: KVCache | None = None,
+               *, return_hidden: bool = False):
+    """Runs the model.
+
+    tokens:    [B, T] int32.
+    positions: [B, T] RoPE positions (default 0..T-1). Packed sequences restart
+               at 0; left-padded prompts start at 0 on their first real token.
+    segments:  [B, T] int32 segment ids; 0 marks padding. Tokens attend only
+               within their own segment (default: all ones).
+    cache:     optional KVCache; the T tokens are written at `cache.index`.
+
+    Returns (logits [B, T, V] in float32, updated cache or None), and the final
+    hidden states in place of logits when `return_hidden`.
+    """
+    cfg = self.cfg
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segments is None:
+      segments = jnp.ones((b, t), jnp.int32)
+
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+    x = parallel.constrain(x, ("batch", "length", "embed"))
+
+    block_def, block_state = nnx.split(self.blocks)
+    if cache is not None:
+      cache_segments = jax.lax.dynamic_update_slice(cache.segments, segments.astype(jnp.int32),
+                                                    (0, cache.index))
+    else:
+      cache_segments = None
+
+    def layer(x, xs):
+      state, kv = xs
+      y, new_kv = nnx.merge(block_def, state)(
+          x, positions, segments, kv, cache_segments, None if cache is None else cache.index)
+      return y, (new_kv if cache is not None else None)
+
+    if cfg.remat_policy != "none":
+      layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
+
+    kv_in = None if cache is None else (cache.k, cache.v)
+    if cfg.scan_layers:
+      x, kv_out = jax.lax.scan(layer, x, (block_state, kv_in))
+    else:
+      outs = []
+      for i in range(cfg.num_layers):
+        xs = jax.tree.map(lambda a, i=i: a[i], (block_state, kv_in))
+        x, kv = layer(x, xs)
+        outs.append(kv)
+      kv_out = jax.tree.map(lambda *a: jnp.stack(a), *outs) if cache is not None else None
+
+    x = self.final_norm(x)
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(k=kv_out[0], v=kv_out[1], segments=cache_segments,
+                          index=cache.index + t)
+    if return_hidden:
+      return x, new_cache
+    return self.logits(x), new_cache
+
+  def logits(self, x):
+    dt = self.cfg.compute_dtype
+    if self.cfg.tie_embeddings:
+      logits = jnp.einsum("bte,ve->btv", x, self.embed[...].astype(dt))
+    else:
+      logits = jnp.einsum("bte,ev->btv", x, self.lm_head[...].astype(dt))
+    logits = parallel.constrain(logits, ("batch", "length", "vocab"))
+    return logits.astype(jnp.float32)

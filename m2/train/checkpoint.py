@@ -1,0 +1,144 @@
+"""Orbax checkpoints: async save, keep-N, restore onto any mesh, refuse mismatches.
+
+A checkpoint step holds three items:
+  state: the TrainState (params, optimizer state, step, RNG) as plain arrays,
+  data:  the data iterator's state (JSON),
+  meta:  what the state was built from (model config, ...), to refuse a
+         checkpoint of another model before any array is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+log = logging.getLogger(__name__)
+
+
+def _is_var(x):
+  return isinstance(x, nnx.Variable)
+
+
+def to_arrays(tree):
+  """Replaces nnx Variables by their values, so checkpoints are plain pytrees."""
+  return jax.tree.map(lambda v: v.get_value() if _is_var(v) else v, tree, is_leaf=_is_var)
+
+
+def _path(path) -> str:
+  def part(k):
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  return "/".join(part(k) for k in path)
+
+
+def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path(p): (tuple(x.shape), str(x.dtype)) for p, x in flat}
+
+
+def _diff_meta(saved: dict, expected: dict, prefix: str = "") -> list[str]:
+  out = []
+  for key in sorted(set(saved) | set(expected)):
+    a, b = saved.get(key, "<missing>"), expected.get(key, "<missing>")
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _diff_meta(a, b, f"{prefix}{key}.")
+    elif a != b:
+      out.append(f"{prefix}{key}: checkpoint has {a!r}, run expects {b!r}")
+  return out
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be restored into the requested state."""
+
+
+class Checkpointer:
+  """Saves and restores a run's state in `directory/<step>/`."""
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                             enable_async_checkpointing=async_save,
+                                             create=True),
+        item_names=("state", "data", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, data_state: dict | None = None,
+           meta: dict | None = None, force: bool = False) -> bool:
+    return self._manager.save(
+        int(step),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(to_arrays(state)),
+                                data=ocp.args.JsonSave(data_state or {}),
+                                meta=ocp.args.JsonSave(meta or {})),
+        force=force)
+
+  def check(self, step: int, abstract_state, meta: dict | None = None) -> None:
+    """Raises CheckpointError naming every difference from what the run expects."""
+    problems = []
+    try:
+      saved_meta = self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"] or {}
+      saved_tree = self._manager.item_metadata(step)["state"]
+    except Exception as e:  # noqa: BLE001 - any read failure means a corrupt step
+      raise CheckpointError(f"checkpoint {self.directory}/{step} is unreadable or corrupt: "
+                            f"{type(e).__name__}: {e}") from e
+    if meta is not None:
+      problems += _diff_meta(saved_meta, meta)
+    if saved_tree is None:
+      raise CheckpointError(f"checkpoint {self.directory}/{step} has no 'state' item")
+    saved = {p: (tuple(m.shape), str(m.dtype)) for p, m in
+             ((_path(p), m) for p, m in jax.tree_util.tree_flatten_with_path(saved_tree)[0])}
+    expected = _shapes(to_arrays(abstract_state))
+    for p in sorted(set(expected) - set(saved)):
+      problems.append(f"missing in checkpoint: {p}")
+    for p in sorted(set(saved) - set(expected)):
+      problems.append(f"unexpected in checkpoint: {p}")
+    for p in sorted(set(saved) & set(expected)):
+      if saved[p][0] != expected[p][0]:
+        problems.append(f"shape of {p}: checkpoint has {saved[p][0]}, run expects {expected[p][0]}")
+    if problems:
+      shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
+      raise CheckpointError(f"checkpoint {self.directory}/{step} does not match this run:\n  "
+                            + "\n  ".join(shown))
+
+  def restore(self, abstract_state, step: int | None = None, meta: dict | None = None):
+    """Restores (state, data_state) onto the shardings carried by `abstract_state`.
+
+    `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings (nnx
+    Variables allowed); the mesh may differ from the one that saved.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    self.check(step, abstract_state, meta)
+    target = to_arrays(abstract_state)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"checkpoint {self.directory}/{step} could not be restored: "
+                            f"{type(e).__name__}: {e}") from e
+    # Put the arrays back into the Variables of the template.
+    state = jax.tree.map(lambda t, a: t.replace(a) if _is_var(t) else a,
+                         abstract_state, restored["state"], is_leaf=_is_var)
+    log.info("restored checkpoint %s/%d", self.directory, step)
+    return state, dict(restored["data"] or {})
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()

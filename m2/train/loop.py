@@ -1,0 +1,172 @@
+"""The generic sharded train loop (LM pretraining / mid-training / SFT).
+
+`train` owns a stage directory: it resumes from the last checkpoint there
+(params, optimizer, step, RNG and data iterator), trains to `cfg.steps`, logs
+metrics, and saves every `save_every` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from m2 import parallel
+from m2.model import ModelConfig, Transformer
+from m2.train.checkpoint import Checkpointer, to_arrays
+from m2.train.metrics import MetricsWriter, read_metrics
+from m2.train.optimizer import OptimizerConfig, make_optimizer, schedule
+from m2.train.state import abstract_train_state, init_train_state, lm_loss, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 100
+  batch_size: int = 8
+  seq_len: int = 256
+  log_every: int = 10
+  save_every: int = 50
+  keep_checkpoints: int = 2
+  async_checkpoints: bool = True
+  seed: int = 0
+  optimizer: OptimizerConfig = OptimizerConfig()
+
+  def __post_init__(self):
+    for f in ("steps", "batch_size", "seq_len", "log_every", "save_every", "keep_checkpoints"):
+      v = getattr(self, f)
+      if not (isinstance(v, int) and v > 0):
+        raise ValueError(f"TrainConfig.{f}: must be a positive int (got {v!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  shape: tuple[int, ...] = (1, -1, 1)
+  axes: tuple[str, ...] = parallel.MESH_AXES
+  rules: tuple[tuple[str, Any], ...] = parallel.DEFAULT_RULES
+
+  def __post_init__(self):
+    if len(self.shape) != len(self.axes):
+      raise ValueError(f"MeshConfig.shape {self.shape} must have one entry per axis {self.axes}")
+    parallel.check_rules(self.rules, self.axes)
+
+  def make(self):
+    return parallel.make_mesh(self.shape, self.axes)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: Any
+  graphdef: nnx.GraphDef
+  steps_run: int
+  resumed_from: int | None
+  final_metrics: dict[str, float]
+  wall_s: float
+
+
+def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, dataset,
+          workdir: str, *, loss_fn=lm_loss, init_params: nnx.State | None = None,
+          meta: dict | None = None,
+          on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+  """Trains from `dataset` (a grain IterDataset of numpy batches) in `workdir`.
+
+  `init_params` seeds a fresh run (e.g. the previous stage's weights or an HF
+  import); a run with checkpoints in `workdir` always resumes from them.
+  """
+  start = time.time()
+  mesh = mesh_cfg.make()
+  rules = mesh_cfg.rules
+  tx = make_optimizer(cfg.optimizer)
+  lr_schedule = schedule(cfg.optimizer)
+  make_model = lambda: Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed))  # noqa: E731
+  meta = {"model": dataclasses.asdict(model_cfg), **(meta or {})}
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
+                      async_save=cfg.async_checkpoints)
+  iterator = iter(dataset)
+
+  resumed_from = ckpt.latest_step()
+  graphdef = nnx.split(nnx.eval_shape(make_model))[0]
+  if resumed_from is not None:
+    abstract, shardings = abstract_train_state(make_model, tx, mesh, rules)
+    state, data_state = ckpt.restore(abstract, resumed_from, meta=meta)
+    if data_state.get("iterator"):
+      iterator.set_state(data_state["iterator"])
+    log.info("resuming %s from step %d", workdir, resumed_from)
+  else:
+    graphdef, state, shardings = init_train_state(make_model, tx, mesh, rules, cfg.seed)
+    if init_params is not None:
+      state = state.replace(params=_place(init_params, shardings.params))
+
+  step_fn = make_train_step(graphdef, tx, loss_fn, mesh, shardings, rules)
+  batch_sharding = parallel.data_sharding(mesh, rules)
+  writer = MetricsWriter(workdir, resume_step=resumed_from or 0)
+  step = int(jax.device_get(state.step))
+  first = step
+  final: dict[str, float] = {}
+  bar = tqdm(total=cfg.steps, initial=step, desc=os.path.basename(workdir) or "train",
+             dynamic_ncols=True, disable=None)
+  try:
+    while step < cfg.steps:
+      batch = next(iterator)
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+               for k, v in batch.items()}
+      state, metrics = step_fn(state, batch)
+      step += 1
+      if step % cfg.log_every == 0 or step == cfg.steps:
+        final = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        final["learning_rate"] = float(lr_schedule(step))
+        writer.write(step, final)
+        bar.set_postfix(loss=f"{final['loss']:.3f}")
+        if on_step is not None:
+          on_step(step, final)
+      if step % cfg.save_every == 0 or step == cfg.steps:
+        ckpt.save(step, state, {"iterator": iterator.get_state()}, meta, force=True)
+      bar.update(1)
+  finally:
+    bar.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  if not final:
+    final = _last_logged(workdir)
+  return TrainResult(state=state, graphdef=graphdef, steps_run=step - first,
+                     resumed_from=resumed_from, final_metrics=final,
+                     wall_s=time.time() - start)
+
+
+def _place(params: nnx.State, shardings) -> nnx.State:
+  """Puts `params` on the run's shardings after checking they fit the model."""
+  got = jax.tree_util.tree_flatten_with_path(to_arrays(params))[0]
+  want = jax.tree_util.tree_flatten_with_path(to_arrays(shardings))[0]
+  if [p for p, _ in got] != [p for p, _ in want]:
+    raise ValueError("initial params do not have this model's parameter tree: "
+                     f"{sorted(map(jax.tree_util.keystr, {p for p, _ in got} ^ {p for p, _ in want}))}")
+  return jax.tree.map(lambda s, p: jax.device_put(p, s), shardings, params)
+
+
+def _last_logged(workdir: str) -> dict[str, float]:
+  rows = read_metrics(workdir)
+  return {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
+
+
+def restore_params(workdir: str, model_cfg: ModelConfig, cfg: TrainConfig,
+                   mesh_cfg: MeshConfig) -> nnx.State:
+  """The parameters of the last checkpoint a `train` run left in `workdir`."""
+  mesh = mesh_cfg.make()
+  tx = make_optimizer(cfg.optimizer)
+  make_model = lambda: Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed))  # noqa: E731
+  abstract, _ = abstract_train_state(make_model, tx, mesh, mesh_cfg.rules)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  try:
+    state, _ = ckpt.restore(abstract, meta=None)
+  finally:
+    ckpt.close()
+  return state.params

@@ -1,0 +1,141 @@
+"""Behaviour of the Transformer that the sampler, trainer and HF interop rely on."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from m2 import parallel
+from m2.model import KVCache, ModelConfig, Transformer
+
+SMALL = dict(vocab_size=97, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
+             head_dim=8, mlp_dim=64)
+
+
+def model(family="qwen2", **kw):
+  cfg = ModelConfig(family=family, **{**SMALL, **kw})
+  return Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+def tokens(b, t, seed=0, vocab=97):
+  return jax.random.randint(jax.random.PRNGKey(seed), (b, t), 1, vocab)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_prefill_then_decode_matches_full_forward(family):
+  m = model(family)
+  x = tokens(2, 10)
+  full, _ = m(x)
+  cache = KVCache.init(m.cfg, batch=2, max_length=16)
+  logits, cache = m(x[:, :6], cache=cache)
+  np.testing.assert_allclose(logits, full[:, :6], atol=1e-5)
+  for t in range(6, 10):
+    pos = jnp.full((2, 1), t, jnp.int32)
+    step_logits, cache = m(x[:, t:t + 1], positions=pos, cache=cache)
+    np.testing.assert_allclose(step_logits[:, 0], full[:, t], atol=1e-5)
+  assert int(cache.index) == 10
+
+
+def test_left_padded_batch_decodes_like_unpadded_rows():
+  m = model()
+  a, b = tokens(1, 7, seed=1), tokens(1, 4, seed=2)
+  pad = 3
+  batch = jnp.concatenate([a, jnp.pad(b, ((0, 0), (pad, 0)))], axis=0)
+  segments = jnp.array([[1] * 7, [0] * pad + [1] * 4])
+  positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
+  cache = KVCache.init(m.cfg, batch=2, max_length=10)
+  logits, cache = m(batch, positions, segments, cache=cache)
+  ref_b, _ = m(b)
+  np.testing.assert_allclose(logits[1, pad:], ref_b[0], atol=1e-5)
+  # One decode step: row b continues at its own position 4.
+  nxt = tokens(2, 1, seed=3)
+  step, _ = m(nxt, positions=jnp.array([[7], [4]]), cache=cache)
+  ref, _ = m(jnp.concatenate([b, nxt[1:]], axis=1))
+  np.testing.assert_allclose(step[1, 0], ref[0, -1], atol=1e-5)
+
+
+def test_packed_segments_equal_separate_sequences():
+  m = model()
+  a, b = tokens(1, 5, seed=4), tokens(1, 3, seed=5)
+  packed = jnp.concatenate([a, b, jnp.zeros((1, 2), jnp.int32)], axis=1)
+  segments = jnp.array([[1] * 5 + [2] * 3 + [0] * 2])
+  positions = jnp.array([list(range(5)) + list(range(3)) + [0, 0]])
+  logits, _ = m(packed, positions, segments)
+  np.testing.assert_allclose(logits[0, :5], m(a)[0][0], atol=1e-5)
+  np.testing.assert_allclose(logits[0, 5:8], m(b)[0][0], atol=1e-5)
+
+
+def test_right_padding_does_not_change_real_tokens():
+  m = model()
+  x = tokens(1, 6)
+  padded = jnp.pad(x, ((0, 0), (0, 4)))
+  segments = jnp.array([[1] * 6 + [0] * 4])
+  logits, _ = m(padded, segments=segments)
+  np.testing.assert_allclose(logits[0, :6], m(x)[0][0], atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "qkv_proj"])
+def test_scan_and_remat_give_the_same_gradients(policy):
+  x = tokens(2, 8)
+
+  def grads(**kw):
+    m = model(**kw)
+    graphdef, params = nnx.split(m)
+    loss = lambda p: nnx.merge(graphdef, p)(x)[0].mean()  # noqa: E731
+    return jax.grad(loss)(params)
+
+  ref = grads(scan_layers=False)
+  for kw in ({}, {"remat_policy": policy}):
+    got = grads(**kw)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got, ref)
+
+
+def test_tied_embeddings_have_no_lm_head_and_use_the_embedding():
+  m = model(tie_embeddings=True)
+  assert not hasattr(m, "lm_head")
+  h, _ = m(tokens(1, 3), return_hidden=True)
+  np.testing.assert_allclose(m(tokens(1, 3))[0], h @ m.embed[...].T, atol=1e-5)
+
+
+def test_qwen3_has_qk_norm_and_no_qkv_bias():
+  m = model("qwen3")
+  assert m.blocks.attn.qkv_bias is None
+  assert m.blocks.attn.q_norm.scale.shape == (2, 8)
+
+
+def test_bf16_compute_keeps_fp32_params_and_tracks_fp32_logits():
+  m32 = model()
+  m16 = model(dtype="bfloat16")
+  assert m16.blocks.mlp.down[...].dtype == jnp.float32
+  x = tokens(2, 8)
+  l32, l16 = m32(x)[0], m16(x)[0]
+  assert l16.dtype == jnp.float32
+  np.testing.assert_allclose(l16, l32, atol=0.05)
+
+
+def test_every_parameter_has_known_logical_axes():
+  m = model()
+  axes = parallel.logical_axes_of(nnx.state(m))
+  flat = jax.tree_util.tree_flatten_with_path(
+      axes, is_leaf=lambda x: isinstance(x, tuple))[0]
+  for path, names in flat:
+    assert names is not None, path
+    assert names[0] == "layers" or "blocks" not in jax.tree_util.keystr(path)
+    assert set(n for n in names if n) <= parallel.LOGICAL_AXES, (path, names)
+  assert len(flat) == len(jax.tree.leaves(nnx.state(m)))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("family", "llama"), ("num_kv_heads", 3), ("head_dim", 7), ("remat_policy", "some"),
+    ("dtype", "float8"), ("num_layers", 0)])
+def test_bad_config_names_the_field(field, value):
+  with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
+    ModelConfig(**{**SMALL, field: value})
+
+
+def test_num_params_matches_the_built_model():
+  for kw in ({}, {"tie_embeddings": True}, {"family": "qwen3"}):
+    m = model(**kw)
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(m)))
+    assert n == m.cfg.num_params()
