@@ -182,6 +182,13 @@ def data_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES, ndim: int = 2) -> Na
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
 
 
+def batch_shards(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
+  """Into how many pieces the rules split the batch dimension on `mesh`."""
+  axes = logical_to_spec(("batch",), rules)[0] or ()
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 

@@ -68,7 +68,9 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(max_to_keep=keep,
                                              enable_async_checkpointing=async_save,
                                              create=True),
-        item_names=("state", "data", "meta"))
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -102,11 +104,13 @@ class Checkpointer:
     saved = {p: (tuple(m.shape), str(m.dtype)) for p, m in
              ((_path(p), m) for p, m in jax.tree_util.tree_flatten_with_path(saved_tree)[0])}
     expected = _shapes(to_arrays(abstract_state))
-    for p in sorted(set(expected) - set(saved)):
+    # Parameters first: they say more than the optimizer moments that mirror them.
+    order = lambda paths: sorted(paths, key=lambda p: (not p.startswith("params/"), p))  # noqa: E731
+    for p in order(set(expected) - set(saved)):
       problems.append(f"missing in checkpoint: {p}")
-    for p in sorted(set(saved) - set(expected)):
+    for p in order(set(saved) - set(expected)):
       problems.append(f"unexpected in checkpoint: {p}")
-    for p in sorted(set(saved) & set(expected)):
+    for p in order(set(saved) & set(expected)):
       if saved[p][0] != expected[p][0]:
         problems.append(f"shape of {p}: checkpoint has {saved[p][0]}, run expects {expected[p][0]}")
     if problems:

@@ -84,6 +84,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, datase
   start = time.time()
   mesh = mesh_cfg.make()
   rules = mesh_cfg.rules
+  data_parallel = parallel.batch_shards(mesh, rules)
+  if cfg.batch_size % data_parallel:
+    raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} is not divisible by the "
+                     f"data-parallel size {data_parallel} of mesh {dict(mesh.shape)}")
   tx = make_optimizer(cfg.optimizer)
   lr_schedule = schedule(cfg.optimizer)
   make_model = lambda: Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed))  # noqa: E731

@@ -71,7 +71,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
     (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": value, "grad_norm": optax.global_norm(grads), **aux}
+    metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), **aux}
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                         rng=jax.random.fold_in(state.rng, state.step))
     return new, metrics

@@ -1,0 +1,376 @@
+"""Per-device memory plan of the sharded train step, computed analytically.
+
+    python -m m2.tools.memory --config=configs/qwen2_5_32b.py
+    python -m m2.tools.memory --preset=qwen2_5_32b --mesh=1,64,1 --batch=64 --seq_len=4096 \
+        --remat=full --dtype=bfloat16 --hbm_gib=95
+
+or, from Python, `plan(model_cfg, mesh_shape, rules, batch, seq_len, remat_policy)`.
+Nothing is allocated and no device is needed: parameter shapes come from
+`jax.eval_shape` of the real model and optimizer, per-device shard sizes from
+`parallel.logical_to_spec` on an abstract mesh, so a 32B model on a 64-chip mesh
+plans in about a second on a laptop.
+
+What the peak of `make_train_step` holds, per device (the state is donated, so
+the updated state reuses the argument buffers):
+
+    params + optimizer state                      (arguments)
+  + grads                                         (param shapes, param dtype)
+  + L x residuals saved per layer by the scan     (remat policy decides which)
+  + max(loss working set, one layer's backward working set)
+
+The residual lists below are what XLA keeps (read from the compiled HLO: the
+forward `while` loop's stacked outputs), not JAX's residual list; XLA drops
+one of JAX's three [B,K,G,T,S] softmax tensors and hoists the attention mask
+out of the loop. The two working-set terms are fitted to
+`compiled.memory_analysis()` of the real step on CPU; tests/tools/memory_test.py
+holds the planner to 15 % of it. GPU/TPU compilers fuse the loss better (fewer
+[B,T,V] fp32 copies), so on accelerators the loss term is an upper bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m2 import parallel
+from m2.model.config import ModelConfig, preset
+from m2.model.transformer import Transformer
+from m2.train.optimizer import OptimizerConfig, make_optimizer
+from m2.train.state import TrainState
+
+GiB = 2 ** 30
+
+# Live [B,T,V] fp32 tensors at the loss backward: log-probs, their exp, the
+# scattered d(log p), d(logits) and its transpose for the head's weight gradient;
+# XLA on CPU fuses some of them away (3 to 5 seen, depending on size).
+LOSS_COPIES = 4.5
+# One layer's backward, in units of that layer's activations (fitted on CPU,
+# see module docstring): [B,T,M] MLP tensors, [B,K,G,T,S] attention tensors,
+# [B,T,E]-sized tensors, and copies of the layer's (gathered) weights.
+_BACKWARD = {
+    # policy: (mlp, scores, embed, weights)
+    "none": (7.5, 2.0, 5.0, 1.5),
+    "full": (8.0, 2.75, 6.0, 1.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+  """Per-device bytes of one train step. `activations` already includes its parts below."""
+
+  params: int
+  grads: int
+  optimizer: int
+  activations: int
+  total: int
+  # Parts of `activations`.
+  saved_per_layer: int     # residuals one layer keeps for the backward pass
+  saved: int               # all layers' residuals (num_layers x saved_per_layer + hoisted)
+  loss: int                # loss working set ([B,T,V] fp32 copies + the head's full gradient)
+  layer_backward: int      # working set of one layer's backward (recompute + cotangents)
+  inputs: int              # the batch arrays
+  # What was planned.
+  mesh: dict[str, int] = dataclasses.field(default_factory=dict)
+  batch: int = 0
+  seq_len: int = 0
+  remat_policy: str = ""
+  dtype: str = ""
+  param_dtype: str = ""
+  num_params: int = 0
+
+  @property
+  def num_devices(self) -> int:
+    return math.prod(self.mesh.values())
+
+  def fits(self, hbm_bytes: float) -> bool:
+    return self.total <= hbm_bytes
+
+  def table(self, hbm_gib: float | None = None) -> str:
+    mesh = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
+    peak = "loss" if self.loss >= self.layer_backward else "layer backward"
+    rows = [
+        ("params", self.params, f"{self.param_dtype}, {self.num_params / 1e9:.2f}B total"),
+        ("grads", self.grads, self.param_dtype),
+        ("optimizer", self.optimizer, "AdamW mu + nu"),
+        ("activations", self.activations, f"remat {self.remat_policy}, compute {self.dtype}"),
+        ("  saved by scan", self.saved, f"{self.saved_per_layer / 2**20:.1f} MiB per layer"),
+        ("  loss", self.loss, "peak" if peak == "loss" else ""),
+        ("  layer backward", self.layer_backward, "peak" if peak != "loss" else ""),
+        ("total", self.total, ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"memory per device: {mesh} ({self.num_devices} devices), "
+             f"global batch {self.batch} x {self.seq_len}"]
+    for name, n, note in rows:
+      lines.append(f"  {name:<{width}}  {n / GiB:9.2f} GiB  {note}".rstrip())
+    if hbm_gib:
+      verdict = "fits" if self.fits(hbm_gib * GiB) else "does NOT fit"
+      lines.append(f"  {verdict} in {hbm_gib:g} GiB ({self.total / (hbm_gib * GiB):.0%} used)")
+    return "\n".join(lines)
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self))
+
+
+# --- sharding arithmetic ------------------------------------------------------------
+
+def _abstract_mesh(mesh_shape: Sequence[int], axes: Sequence[str], num_devices: int | None):
+  shape = [int(s) for s in mesh_shape]
+  if len(shape) != len(axes):
+    raise ValueError(f"mesh shape {tuple(shape)} has {len(shape)} entries for axes {tuple(axes)}")
+  if -1 in shape:
+    if shape.count(-1) > 1:
+      raise ValueError(f"mesh shape {tuple(shape)}: at most one axis may be -1")
+    n = num_devices if num_devices is not None else jax.device_count()
+    known = math.prod(s for s in shape if s != -1)
+    if n % known:
+      raise ValueError(f"mesh shape {tuple(shape)} does not fit {n} devices")
+    shape[shape.index(-1)] = n // known
+  if any(s < 1 for s in shape):
+    raise ValueError(f"mesh shape {tuple(shape)}: sizes must be positive")
+  if num_devices is not None and math.prod(shape) != num_devices:
+    raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, "
+                     f"not {num_devices}")
+  return jax.sharding.AbstractMesh(tuple(shape), tuple(axes))
+
+
+class _Sharder:
+  """Local (per-device) shapes under the rules, as `logical_to_spec` decides them."""
+
+  def __init__(self, mesh, rules):
+    self.mesh, self.rules = mesh, tuple(rules)
+    self._cache = {}
+
+  def local(self, shape, axes, drop: Sequence[str] = ()) -> tuple[int, ...]:
+    key = (tuple(shape), tuple(axes), tuple(drop))
+    if key not in self._cache:  # logical_to_spec warns once per replicated shape, not per leaf
+      spec = parallel.logical_to_spec(axes, self.rules, shape, self.mesh)
+      out = []
+      for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        out.append(dim // math.prod(self.mesh.shape[a] for a in names
+                                    if a is not None and a not in drop))
+      self._cache[key] = tuple(out)
+    return self._cache[key]
+
+  def nbytes(self, shape, axes, dtype, drop: Sequence[str] = ()) -> int:
+    return math.prod(self.local(shape, axes, drop)) * jnp.dtype(dtype).itemsize
+
+
+def _state_bytes(tree, sharder: _Sharder, drop: Sequence[str] = ()) -> int:
+  """Per-device bytes of an abstract nnx State / pytree, using `logical_axes` metadata."""
+  total = 0
+  is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+  for leaf in jax.tree.leaves(tree, is_leaf=is_var):
+    value = leaf.get_value() if is_var(leaf) else leaf
+    axes = leaf.get_metadata().get("logical_axes") if is_var(leaf) else None
+    if not hasattr(value, "shape"):
+      continue
+    if axes is None:  # counters, RNG keys: replicated
+      total += math.prod(value.shape) * jnp.dtype(value.dtype).itemsize
+    else:
+      total += sharder.nbytes(value.shape, axes, value.dtype, drop)
+  return total
+
+
+def abstract_state(model_cfg: ModelConfig, tx=None) -> TrainState:
+  """The TrainState's shapes and dtypes (with logical-axis metadata), nothing allocated."""
+  tx = tx if tx is not None else make_optimizer(OptimizerConfig())
+  def make():
+    return TrainState.create(nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(0)))[1], tx)
+  return jax.eval_shape(make)
+
+
+# --- activations ----------------------------------------------------------------------
+
+def _saved_per_layer(policy: str, u: dict[str, int], cb: int, cast_weights: int) -> int:
+  """Bytes one scanned layer keeps for backward, as XLA stacks them in the forward loop.
+
+  u: local element counts; cb: compute dtype bytes; cast_weights: bytes of the layer's
+  weights cast to the compute dtype (0 when compute and param dtypes agree).
+  """
+  a, q, kv, s, m = u["embed"], u["q"], u["kv"], u["scores"], u["mlp"]
+  if policy == "none":
+    norms = 2 * a * (8 + cb)          # per RMSNorm: two fp32 [B,T,E], the matmul input
+    attn = 2 * q * cb + 2 * kv * cb   # roped q, attention output; transposed k, v
+    attn += s * (4 + cb)              # fp32 masked scores, probabilities
+    mlp = 6 * m * cb                  # gate, up, three silu intermediates, their product
+    return norms + attn + mlp + cast_weights
+  carry = a * cb  # the layer input, from which the rest is recomputed
+  if policy == "full":
+    return carry
+  qkv = q + 2 * kv  # fused qkv projection output [B,T,K,G+2,D]
+  if policy == "dots":  # every matmul output, attention einsums included
+    return carry + (qkv + s + q + a + 2 * m + a) * cb
+  if policy == "dots_no_batch":  # matmuls without batch dims: the four weight matmuls
+    return carry + (qkv + a + 2 * m + a) * cb
+  if policy == "qkv_proj":  # the tensor tagged "qkv_proj" (see transformer._REMAT)
+    return carry + qkv * cb
+  raise ValueError(f"remat_policy {policy!r} is not one of {list(_POLICIES)}")
+
+
+_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
+
+
+def _layer_backward(policy: str, u: dict[str, int], weights: int) -> int:
+  """Working set of one layer's backward: recomputed forward + cotangents + weights."""
+  # Policies between `none` and `full` recompute part of the layer: plan as `full`.
+  mlp, scores, embed, w = _BACKWARD["none" if policy == "none" else "full"]
+  elems = mlp * u["mlp"] + scores * u["scores"] + embed * (u["embed"] + u["q"] + u["kv"])
+  return int(elems * 4 + w * weights)
+
+
+# --- the plan -------------------------------------------------------------------------
+
+def plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
+         rules: parallel.Rules = parallel.DEFAULT_RULES, batch: int = 8, seq_len: int = 2048,
+         remat_policy: str | None = None, *, num_devices: int | None = None,
+         mesh_axes: Sequence[str] = parallel.MESH_AXES, tx=None) -> MemoryPlan:
+  """Per-device memory of `make_train_step(...)` for this model, mesh and batch.
+
+  mesh_shape: sizes for `mesh_axes`; one may be -1 (then `num_devices`, default
+    the local device count, fills it). The mesh need not exist.
+  rules:      logical -> mesh axis rules, as in `parallel.DEFAULT_RULES`.
+  batch:      global batch (sequences); seq_len: tokens per sequence.
+  remat_policy: overrides `model_cfg.remat_policy`.
+  tx:         optax optimizer (default: m2's AdamW), only its state shapes matter.
+  """
+  if remat_policy is not None:
+    model_cfg = model_cfg.replace(remat_policy=remat_policy)
+  policy = model_cfg.remat_policy
+  if policy not in _POLICIES:
+    raise ValueError(f"remat_policy {policy!r} is not one of {list(_POLICIES)}")
+  mesh = _abstract_mesh(mesh_shape, mesh_axes, num_devices)
+  parallel.check_rules(rules, mesh_axes)
+  sh = _Sharder(mesh, rules)
+  batch_spec = parallel.logical_to_spec(("batch",), rules)
+  batch_axes = [a for a in (batch_spec[0] if isinstance(batch_spec[0], tuple)
+                            else (batch_spec[0],)) if a is not None]
+  shards = math.prod(mesh.shape[a] for a in batch_axes)
+  if batch % shards:
+    raise ValueError(f"batch {batch} is not divisible by the {shards} batch shards "
+                     f"(mesh axes {batch_axes}); the train step would reject it")
+
+  # State: exact shapes from the real model + optimizer.
+  state = abstract_state(model_cfg, tx)
+  params = _state_bytes(state.params, sh)
+  optimizer = _state_bytes(state.opt_state, sh)
+  grads = params
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+
+  # Activation units: local element counts of the tensors one layer makes.
+  c = model_cfg
+  b, t, e = sh.local((batch, seq_len, c.embed_dim), ("batch", "length", "embed"))
+  _, _, k, g, d = sh.local((batch, seq_len, c.num_kv_heads, c.q_per_kv, c.head_dim),
+                           ("batch", "length", "kv_heads", "heads", "head_dim"))
+  m = sh.local((batch, seq_len, 2, c.mlp_dim), ("batch", "length", None, "mlp"))[3]
+  v = sh.local((batch, seq_len, c.vocab_size), ("batch", "length", "vocab"))[2]
+  u = {"embed": b * t * e, "q": b * t * k * g * d, "kv": b * t * k * d,
+       "scores": b * k * g * t * seq_len, "mlp": b * t * m}
+  cb = jnp.dtype(c.compute_dtype).itemsize
+
+  # Weights a layer works on: the batch axes' (FSDP) shards are gathered for the matmuls.
+  blocks = state.params["blocks"]
+  weights = _state_bytes(blocks, sh, drop=batch_axes) // c.num_layers
+  # Without remat the compute-dtype copy of each (sharded) weight is a residual too.
+  pb = jnp.dtype(c.weight_dtype).itemsize
+  cast = 0 if cb == pb else _state_bytes(blocks, sh) // c.num_layers * cb // pb
+
+  per_layer = _saved_per_layer(policy, u, cb, cast)
+  saved = c.num_layers * per_layer
+  if policy == "none":
+    saved += u["scores"]  # the [B,K,G,T,S] bool mask, hoisted out of the scan by XLA
+  head = state.params["embed" if c.tie_embeddings else "lm_head"]
+  head_full = _state_bytes(head, sh, drop=batch_axes)
+
+  loss = int(LOSS_COPIES * b * t * v * 4) + head_full
+  backward = _layer_backward(policy, u, weights)
+  inputs = 5 * b * t * 4  # inputs, targets, positions, segments, loss_mask (int32)
+  activations = saved + max(loss, backward) + inputs
+  return MemoryPlan(
+      params=params, grads=grads, optimizer=optimizer, activations=activations,
+      total=params + grads + optimizer + activations,
+      saved_per_layer=per_layer, saved=saved, loss=loss, layer_backward=backward,
+      inputs=inputs, mesh=dict(mesh.shape), batch=batch, seq_len=seq_len,
+      remat_policy=policy, dtype=c.dtype, param_dtype=c.param_dtype, num_params=num_params)
+
+
+def model_config_from(model: Any) -> ModelConfig:
+  """ModelConfig from a config's `model` section (a ConfigDict or dict, optional `preset`)."""
+  fields = dict(model)
+  name = fields.pop("preset", None)
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"config.model has unknown fields {unknown}; ModelConfig fields are "
+                     f"{sorted(known)}")
+  return preset(name, **fields) if name else ModelConfig(**fields)
+
+
+def plan_from_config(config, num_devices: int | None = None) -> MemoryPlan:
+  """Plan for an experiment config: `model`, `mesh.shape`, `mesh.rules`, `train.*`."""
+  rules = config.mesh.get("rules", None) if "mesh" in config else None
+  rules = (tuple((name, tuple(ax) if isinstance(ax, (list, tuple)) else ax)
+                 for name, ax in rules) if rules else parallel.DEFAULT_RULES)
+  return plan(model_config_from(config.model), tuple(config.mesh.shape), rules,
+              batch=config.train.batch_size, seq_len=config.train.seq_len,
+              num_devices=num_devices)
+
+
+# --- command line ---------------------------------------------------------------------
+
+def main(argv):
+  del argv
+  from absl import flags
+  f = flags.FLAGS
+  if f.config is not None:
+    config = f.config
+    model_cfg = model_config_from(config.model)
+    mesh_shape = tuple(config.mesh.shape)
+    rules = config.mesh.get("rules", None)
+    rules = (tuple((n, tuple(a) if isinstance(a, (list, tuple)) else a) for n, a in rules)
+             if rules else parallel.DEFAULT_RULES)
+    batch, seq_len = config.train.batch_size, config.train.seq_len
+  else:
+    model_cfg, mesh_shape, rules = preset(f.preset), (1, -1, 1), parallel.DEFAULT_RULES
+    batch, seq_len = 8, 2048
+  # Flags given on the command line override the config.
+  overrides = {k: getattr(f, k) for k in ("dtype", "param_dtype") if getattr(f, k)}
+  if overrides:
+    model_cfg = model_cfg.replace(**overrides)
+  if f.mesh:
+    mesh_shape = tuple(int(s) for s in f.mesh.split(","))
+  batch = f.batch or batch
+  seq_len = f.seq_len or seq_len
+  p = plan(model_cfg, mesh_shape, rules, batch=batch, seq_len=seq_len,
+           remat_policy=f.remat or None, num_devices=f.devices)
+  print(p.table(f.hbm_gib))
+  print(p.to_json())
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)",
+                                  lock_config=False)
+  flags.DEFINE_string("preset", "tiny", "model preset when no --config is given")
+  flags.DEFINE_string("mesh", None, "mesh shape data,fsdp,tensor, e.g. 1,8,1 (one may be -1)")
+  flags.DEFINE_integer("devices", None, "device count for a -1 mesh entry (default: local)")
+  flags.DEFINE_integer("batch", None, "global batch in sequences")
+  flags.DEFINE_integer("seq_len", None, "tokens per sequence")
+  flags.DEFINE_enum("remat", None, list(_POLICIES), "remat policy (default: the model's)")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "compute dtype")
+  flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16", "float16"], "parameter dtype")
+  flags.DEFINE_float("hbm_gib", None, "device memory to check the plan against, GiB")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)
