@@ -31,6 +31,7 @@ def get_config():
   c.midtrain = ml_collections.ConfigDict(dict(
       sources=("mts_dialog", "aci_bench"),
       data_dir="",          # default: $M2_DATA_DIR or ../shared/data
+      tokenizer="byte",     # "byte", or a folder with tokenizer.json ("": the HF checkpoint's)
       train=dict(steps=200, batch_size=8, seq_len=256, log_every=10, save_every=50,
                  keep_checkpoints=2, seed=0,
                  optimizer=dict(learning_rate=1e-3, warmup_steps=20, decay_steps=180,

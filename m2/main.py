@@ -73,14 +73,14 @@ def _initial_params(config, model_cfg, mesh_cfg):
 
 
 def run_midtrain(config, workdir, model_cfg, mesh_cfg, init_params):
-  """Language-model training on the medical text corpus (packed, byte tokens)."""
+  """Language-model training on the medical text corpus (packed documents)."""
   from m2.data.text import lm_dataset, read_texts
-  from m2.data.tokenizers import ByteTokenizer
+  from m2.data.tokenizers import load_tokenizer
   from m2.train.loop import TrainConfig, train
 
   stage = config.midtrain
   train_cfg = configlib.build(TrainConfig, stage.train, "config.midtrain.train")
-  tokenizer = ByteTokenizer()
+  tokenizer = load_tokenizer(stage.tokenizer or config.model.hf_checkpoint or "byte")
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
                      f"tokenizer's {tokenizer.vocab_size}")

@@ -70,3 +70,44 @@ def test_unknown_stage_is_refused(tmp_path):
 def test_batch_that_does_not_split_over_the_mesh_is_refused(tmp_path):
   with pytest.raises(ValueError, match="batch_size=4 is not divisible by the data-parallel size 8"):
     main.run(tiny_config(batch_size=4), str(tmp_path))
+
+
+def _tiny_hf_checkpoint(folder):
+  """A random Qwen2 checkpoint plus a byte-level BPE tokenizer.json, all made here."""
+  import torch
+  import transformers
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  from m2.data.text import read_texts
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(read_texts(["mts_dialog"])[:200], trainers.BpeTrainer(
+      vocab_size=400, special_tokens=["<|endoftext|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.save(os.path.join(folder, "tokenizer.json"))
+  torch.manual_seed(0)
+  hf_cfg = transformers.Qwen2Config(vocab_size=512, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=1, tie_word_embeddings=True)
+  transformers.Qwen2ForCausalLM(hf_cfg).save_pretrained(folder)
+
+
+def test_pipeline_starts_from_a_local_hf_checkpoint_on_a_mesh(tmp_path):
+  from m2.model import hf
+
+  ckpt = tmp_path / "hf"
+  ckpt.mkdir()
+  _tiny_hf_checkpoint(str(ckpt))
+  c = tiny_config()
+  c.model.hf_checkpoint = str(ckpt)
+  c.midtrain.tokenizer = ""                      # use the checkpoint's tokenizer.json
+  c.mesh.shape = (2, 2, 2)
+  results = main.run(c, str(tmp_path / "run"))
+  assert results[0].status == "ran"
+  start = hf.load_model(str(ckpt))
+  trained = results[0].params
+  assert trained["embed"][...].shape == (512, 32)  # the checkpoint's shape, not the config's
+  delta = abs(trained["embed"][...] - start.embed[...]).max()
+  assert 0 < delta < 0.01                          # a few small steps from the imported weights

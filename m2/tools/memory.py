@@ -313,14 +313,18 @@ def model_config_from(model: Any) -> ModelConfig:
   return preset(name, **fields) if name else ModelConfig(**fields)
 
 
-def plan_from_config(config, num_devices: int | None = None) -> MemoryPlan:
-  """Plan for an experiment config: `model`, `mesh.shape`, `mesh.rules`, `train.*`."""
-  rules = config.mesh.get("rules", None) if "mesh" in config else None
-  rules = (tuple((name, tuple(ax) if isinstance(ax, (list, tuple)) else ax)
-                 for name, ax in rules) if rules else parallel.DEFAULT_RULES)
-  return plan(model_config_from(config.model), tuple(config.mesh.shape), rules,
-              batch=config.train.batch_size, seq_len=config.train.seq_len,
-              num_devices=num_devices)
+def plan_args_from_config(config) -> dict[str, Any]:
+  """`plan` keyword arguments from an experiment config (`model`, `mesh`, `train`)."""
+  rules = config.mesh.get("rules", None)
+  rules = (tuple((name, tuple(ax) if isinstance(ax, (list, tuple)) else ax) for name, ax in rules)
+           if rules else parallel.DEFAULT_RULES)
+  return dict(model_cfg=model_config_from(config.model), mesh_shape=tuple(config.mesh.shape),
+              rules=rules, batch=config.train.batch_size, seq_len=config.train.seq_len)
+
+
+def plan_from_config(config, num_devices: int | None = None, **overrides) -> MemoryPlan:
+  """Plan for an experiment config; `overrides` replace `plan` arguments."""
+  return plan(**{**plan_args_from_config(config), **overrides}, num_devices=num_devices)
 
 
 # --- command line ---------------------------------------------------------------------
@@ -330,26 +334,19 @@ def main(argv):
   from absl import flags
   f = flags.FLAGS
   if f.config is not None:
-    config = f.config
-    model_cfg = model_config_from(config.model)
-    mesh_shape = tuple(config.mesh.shape)
-    rules = config.mesh.get("rules", None)
-    rules = (tuple((n, tuple(a) if isinstance(a, (list, tuple)) else a) for n, a in rules)
-             if rules else parallel.DEFAULT_RULES)
-    batch, seq_len = config.train.batch_size, config.train.seq_len
+    args = plan_args_from_config(f.config)
   else:
-    model_cfg, mesh_shape, rules = preset(f.preset), (1, -1, 1), parallel.DEFAULT_RULES
-    batch, seq_len = 8, 2048
+    args = dict(model_cfg=preset(f.preset), mesh_shape=(1, -1, 1),
+                rules=parallel.DEFAULT_RULES, batch=8, seq_len=2048)
   # Flags given on the command line override the config.
-  overrides = {k: getattr(f, k) for k in ("dtype", "param_dtype") if getattr(f, k)}
-  if overrides:
-    model_cfg = model_cfg.replace(**overrides)
+  dtypes = {k: getattr(f, k) for k in ("dtype", "param_dtype") if getattr(f, k)}
+  if dtypes:
+    args["model_cfg"] = args["model_cfg"].replace(**dtypes)
   if f.mesh:
-    mesh_shape = tuple(int(s) for s in f.mesh.split(","))
-  batch = f.batch or batch
-  seq_len = f.seq_len or seq_len
-  p = plan(model_cfg, mesh_shape, rules, batch=batch, seq_len=seq_len,
-           remat_policy=f.remat or None, num_devices=f.devices)
+    args["mesh_shape"] = tuple(int(s) for s in f.mesh.split(","))
+  args["batch"] = f.batch or args["batch"]
+  args["seq_len"] = f.seq_len or args["seq_len"]
+  p = plan(**args, remat_policy=f.remat, num_devices=f.devices)
   print(p.table(f.hbm_gib))
   print(p.to_json())
 
@@ -359,7 +356,8 @@ def _define_flags():
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)",
                                   lock_config=False)
-  flags.DEFINE_string("preset", "tiny", "model preset when no --config is given")
+  flags.DEFINE_string("preset", "tiny", "model preset when no --config is given "
+                      "(with a config: --config.model.preset)")
   flags.DEFINE_string("mesh", None, "mesh shape data,fsdp,tensor, e.g. 1,8,1 (one may be -1)")
   flags.DEFINE_integer("devices", None, "device count for a -1 mesh entry (default: local)")
   flags.DEFINE_integer("batch", None, "global batch in sequences")
