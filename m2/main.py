@@ -23,6 +23,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from m2 import configlib
+from m2.model.config import model_config_from
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +47,6 @@ class StageResult:
   metric: str            # headline metric name
   value: float | None
   params: object = None  # the weights the stage ended with, for the next stage
-
-
-def _model_config(config):
-  from m2.model import ModelConfig, preset
-  fields = configlib.to_dict(config.model)
-  name = fields.pop("preset", "")
-  hf_checkpoint = fields.pop("hf_checkpoint", "")
-  if hf_checkpoint:
-    with open(os.path.join(hf_checkpoint, "config.json")) as f:
-      return ModelConfig.from_hf_config(json.load(f), **{
-          k: v for k, v in fields.items() if k in ("dtype", "param_dtype", "remat_policy",
-                                                   "scan_layers")})
-  base = configlib.as_config_dict(preset(name)) if name else {}
-  return configlib.build(ModelConfig, {**base, **fields}, "config.model")
 
 
 def _initial_params(config, model_cfg, mesh_cfg):
@@ -105,7 +92,7 @@ def run(config, workdir: str, stages: list[str] | None = None) -> list[StageResu
   for s in selected:
     if s not in config.stages:
       raise ValueError(f"--stages={s}: not in config.stages {list(config.stages)}")
-  model_cfg = _model_config(config)
+  model_cfg = model_config_from(config.model)
   mesh_cfg = configlib.build(MeshConfig, config.mesh, "config.mesh")
   params = _initial_params(config, model_cfg, mesh_cfg)
   results = []

@@ -9,12 +9,16 @@ traced. `from_hf_config` / `to_hf_config` translate to and from a transformers
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any
 
 import jax.numpy as jnp
 
 FAMILIES = ("qwen2", "qwen3")
 HF_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+# Fields a run may set on top of a checkpoint's architecture.
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -193,3 +197,26 @@ def preset(name: str, **overrides) -> ModelConfig:
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
   return PRESETS[name]().replace(**overrides)
+
+
+def model_config_from(section) -> ModelConfig:
+  """ModelConfig from an experiment config's `model` section.
+
+  `preset` names the base shape and other fields override it. With
+  `hf_checkpoint`, the shape comes from that folder's config.json and only the
+  numerics and remat knobs from the section.
+  """
+  from m2 import configlib
+
+  fields = configlib.to_dict(section)
+  name = fields.pop("preset", "")
+  hf_checkpoint = fields.pop("hf_checkpoint", "")
+  if hf_checkpoint:
+    path = os.path.join(hf_checkpoint, "config.json")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"config.model.hf_checkpoint: no config.json in {hf_checkpoint}")
+    with open(path) as f:
+      return ModelConfig.from_hf_config(json.load(f), **{
+          k: v for k, v in fields.items() if k in _RUNTIME_FIELDS})
+  base = dataclasses.asdict(preset(name)) if name else {}
+  return configlib.build(ModelConfig, {**base, **fields}, "config.model")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from m2 import parallel
 from m2.model.config import ModelConfig
@@ -81,6 +82,7 @@ class Attention(nnx.Module):
     qkv = jnp.einsum("bte,ekgd->btkgd", x, self.qkv[...].astype(dt))
     if self.qkv_bias is not None:
       qkv = qkv + self.qkv_bias[...].astype(dt)
+    qkv = checkpoint_name(qkv, "qkv_proj")  # what remat_policy="qkv_proj" keeps
     q, k, v = qkv[..., :g, :], qkv[..., g, :], qkv[..., g + 1, :]
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)

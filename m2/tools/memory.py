@@ -1,55 +1,66 @@
-"""Per-device memory plan of the sharded train step, computed analytically.
+r"""Per-device memory plan of the sharded train step, computed analytically.
 
-    python -m m2.tools.memory --config=configs/qwen2_5_32b.py
-    python -m m2.tools.memory --preset=qwen2_5_32b --mesh=1,64,1 --batch=64 --seq_len=4096 \
-        --remat=full --dtype=bfloat16 --hbm_gib=95
+  python -m m2.tools.memory --config=configs/qwen2_5_32b.py:v5p64 --devices=32 --hbm_gib=95
+  python -m m2.tools.memory --preset=qwen2_5_32b --mesh=1,8,1 --devices=8 --batch=8 \
+      --seq_len=4096 --remat=full --dtype=bfloat16 --hbm_gib=80
 
 or, from Python, `plan(model_cfg, mesh_shape, rules, batch, seq_len, remat_policy)`.
-Nothing is allocated and no device is needed: parameter shapes come from
-`jax.eval_shape` of the real model and optimizer, per-device shard sizes from
-`parallel.logical_to_spec` on an abstract mesh, so a 32B model on a 64-chip mesh
-plans in about a second on a laptop.
+Nothing is allocated and no device is needed: parameter and optimizer shapes
+come from `jax.eval_shape` of the real model and optimizer, per-device shard
+sizes from `parallel.logical_to_spec` on an abstract mesh, so a 32B model on a
+64-chip mesh plans in a fraction of a second.
 
 What the peak of `make_train_step` holds, per device (the state is donated, so
 the updated state reuses the argument buffers):
 
-    params + optimizer state                      (arguments)
-  + grads                                         (param shapes, param dtype)
-  + L x residuals saved per layer by the scan     (remat policy decides which)
+    params + optimizer state                    (the arguments)
+  + grads                                       (param shapes and dtype)
+  + L x residuals each scanned layer saves      (the remat policy decides which)
   + max(loss working set, one layer's backward working set)
 
-The residual lists below are what XLA keeps (read from the compiled HLO: the
-forward `while` loop's stacked outputs), not JAX's residual list; XLA drops
-one of JAX's three [B,K,G,T,S] softmax tensors and hoists the attention mask
-out of the loop. The two working-set terms are fitted to
-`compiled.memory_analysis()` of the real step on CPU; tests/tools/memory_test.py
-holds the planner to 15 % of it. GPU/TPU compilers fuse the loss better (fewer
-[B,T,V] fp32 copies), so on accelerators the loss term is an upper bound.
+The residual lists are what XLA keeps, read from the compiled HLO (the forward
+`while` loop's stacked outputs), not JAX's residual list: XLA drops one of
+JAX's three [B,K,G,T,S] softmax tensors and hoists the attention mask out of
+the loop. The working-set coefficients are fitted to `compiled.memory_analysis()`
+of the real step on CPU (fp32, meshes (1,1,1), (1,8,1), (2,2,2), up to the
+Qwen2.5-32B layer shape at 4096 tokens), where the plan is within 15 % and
+mostly within 7 %; tests/tools/memory_test.py holds it to that. Caveats:
+  * bf16 on CPU: XLA CPU upcasts stacked bf16 residuals to fp32 in the backward
+    loop, so `remat none` + bf16 uses up to 25 % more there than planned.
+  * GPU/TPU compilers fuse the loss and attention better and keep bf16
+    intermediates in bf16; the working sets here count fp32, so on
+    accelerators they are an upper bound. The attention is not flash
+    attention: its [B,K,G,T,T] scores dominate a layer's backward at long T.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import os
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from m2 import parallel
-from m2.model.config import ModelConfig, preset
+from m2 import configlib, parallel
+from m2.model.config import ModelConfig, model_config_from, preset
+from m2.model.modules import Block
 from m2.model.transformer import Transformer
 from m2.train.optimizer import OptimizerConfig, make_optimizer
 from m2.train.state import TrainState
 
 GiB = 2 ** 30
+POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")  # remat policies modeled
 
-# Live [B,T,V] fp32 tensors at the loss backward: log-probs, their exp, the
-# scattered d(log p), d(logits) and its transpose for the head's weight gradient;
-# XLA on CPU fuses some of them away (3 to 5 seen, depending on size).
-LOSS_COPIES = 4.5
+# Live [B,T,V] fp32 tensors at the loss backward, by compute dtype bytes: of the
+# log-probs, their exp, the scattered d(log p), d(logits) and its transpose for
+# the head's weight gradient, XLA on CPU fuses some away (fp32: 3 to 5 seen,
+# depending on size). With bf16 matmuls the fp32 logits fuse into the softmax.
+LOSS_COPIES = {4: 4.5, 2: 3.5}
 # One layer's backward, in units of that layer's activations (fitted on CPU,
 # see module docstring): [B,T,M] MLP tensors, [B,K,G,T,S] attention tensors,
 # [B,T,E]-sized tensors, and copies of the layer's (gathered) weights.
@@ -73,7 +84,7 @@ class MemoryPlan:
   saved_per_layer: int     # residuals one layer keeps for the backward pass
   saved: int               # all layers' residuals (num_layers x saved_per_layer + hoisted)
   loss: int                # loss working set ([B,T,V] fp32 copies + the head's full gradient)
-  layer_backward: int      # working set of one layer's backward (recompute + cotangents)
+  layer_backward: int      # one layer's backward (recompute, cotangents) + what the loss leaves
   inputs: int              # the batch arrays
   # What was planned.
   mesh: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -93,22 +104,22 @@ class MemoryPlan:
 
   def table(self, hbm_gib: float | None = None) -> str:
     mesh = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
-    peak = "loss" if self.loss >= self.layer_backward else "layer backward"
+    loss_peak = self.loss >= self.layer_backward
     rows = [
-        ("params", self.params, f"{self.param_dtype}, {self.num_params / 1e9:.2f}B total"),
+        ("params", self.params, f"{self.param_dtype}, {_count(self.num_params)} parameters"),
         ("grads", self.grads, self.param_dtype),
-        ("optimizer", self.optimizer, "AdamW mu + nu"),
+        ("optimizer", self.optimizer, "optimizer state (AdamW: mu, nu)"),
         ("activations", self.activations, f"remat {self.remat_policy}, compute {self.dtype}"),
-        ("  saved by scan", self.saved, f"{self.saved_per_layer / 2**20:.1f} MiB per layer"),
-        ("  loss", self.loss, "peak" if peak == "loss" else ""),
-        ("  layer backward", self.layer_backward, "peak" if peak != "loss" else ""),
+        ("  saved by scan", self.saved, f"{_size(self.saved_per_layer)} per layer"),
+        ("  loss", self.loss, "peak" if loss_peak else ""),
+        ("  layer backward", self.layer_backward, "" if loss_peak else "peak"),
         ("total", self.total, ""),
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"memory per device: {mesh} ({self.num_devices} devices), "
              f"global batch {self.batch} x {self.seq_len}"]
     for name, n, note in rows:
-      lines.append(f"  {name:<{width}}  {n / GiB:9.2f} GiB  {note}".rstrip())
+      lines.append(f"  {name:<{width}}  {_size(n):>10}  {note}".rstrip())
     if hbm_gib:
       verdict = "fits" if self.fits(hbm_gib * GiB) else "does NOT fit"
       lines.append(f"  {verdict} in {hbm_gib:g} GiB ({self.total / (hbm_gib * GiB):.0%} used)")
@@ -116,6 +127,14 @@ class MemoryPlan:
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self))
+
+
+def _size(n: float) -> str:
+  return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
+def _count(n: int) -> str:
+  return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 # --- sharding arithmetic ------------------------------------------------------------
@@ -189,7 +208,29 @@ def abstract_state(model_cfg: ModelConfig, tx=None) -> TrainState:
 
 # --- activations ----------------------------------------------------------------------
 
-def _saved_per_layer(policy: str, u: dict[str, int], cb: int, cast_weights: int) -> int:
+@functools.lru_cache(maxsize=None)
+def checkpoint_names(model_cfg: ModelConfig) -> frozenset[str]:
+  """Names the layer tags with `checkpoint_name`, read from its jaxpr (abstract trace)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Block(model_cfg, rngs=nnx.Rngs(0))))
+  def layer(state, x):
+    tokens = jnp.ones(x.shape[:2], jnp.int32)
+    return nnx.merge(graphdef, state)(x, tokens, tokens)[0]
+  x = jax.ShapeDtypeStruct((1, 8, model_cfg.embed_dim), model_cfg.compute_dtype)
+  names = set()
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "name":
+        names.add(eqn.params["name"])
+      for sub in eqn.params.values():
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          walk(sub)
+  walk(jax.make_jaxpr(layer)(state, x).jaxpr)
+  return frozenset(names)
+
+
+def _saved_per_layer(policy: str, u: dict[str, int], cb: int, cast_weights: int,
+                     tagged: frozenset[str] = frozenset()) -> int:
   """Bytes one scanned layer keeps for backward, as XLA stacks them in the forward loop.
 
   u: local element counts; cb: compute dtype bytes; cast_weights: bytes of the layer's
@@ -210,12 +251,9 @@ def _saved_per_layer(policy: str, u: dict[str, int], cb: int, cast_weights: int)
     return carry + (qkv + s + q + a + 2 * m + a) * cb
   if policy == "dots_no_batch":  # matmuls without batch dims: the four weight matmuls
     return carry + (qkv + a + 2 * m + a) * cb
-  if policy == "qkv_proj":  # the tensor tagged "qkv_proj" (see transformer._REMAT)
-    return carry + qkv * cb
-  raise ValueError(f"remat_policy {policy!r} is not one of {list(_POLICIES)}")
-
-
-_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
+  if policy == "qkv_proj":  # the tensor tagged "qkv_proj"; untagged, this is `full`
+    return carry + (qkv * cb if "qkv_proj" in tagged else 0)
+  raise ValueError(f"the memory planner does not model remat_policy {policy!r}")
 
 
 def _layer_backward(policy: str, u: dict[str, int], weights: int) -> int:
@@ -244,8 +282,9 @@ def plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
   if remat_policy is not None:
     model_cfg = model_cfg.replace(remat_policy=remat_policy)
   policy = model_cfg.remat_policy
-  if policy not in _POLICIES:
-    raise ValueError(f"remat_policy {policy!r} is not one of {list(_POLICIES)}")
+  if policy not in POLICIES:
+    raise ValueError(f"the memory planner does not model remat_policy {policy!r}; "
+                     f"it knows {list(POLICIES)}")
   mesh = _abstract_mesh(mesh_shape, mesh_axes, num_devices)
   parallel.check_rules(rules, mesh_axes)
   sh = _Sharder(mesh, rules)
@@ -282,15 +321,21 @@ def plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
   pb = jnp.dtype(c.weight_dtype).itemsize
   cast = 0 if cb == pb else _state_bytes(blocks, sh) // c.num_layers * cb // pb
 
-  per_layer = _saved_per_layer(policy, u, cb, cast)
+  tagged = checkpoint_names(model_cfg) if policy == "qkv_proj" else frozenset()
+  per_layer = _saved_per_layer(policy, u, cb, cast, tagged)
   saved = c.num_layers * per_layer
   if policy == "none":
     saved += u["scores"]  # the [B,K,G,T,S] bool mask, hoisted out of the scan by XLA
   head = state.params["embed" if c.tie_embeddings else "lm_head"]
   head_full = _state_bytes(head, sh, drop=batch_axes)
 
-  loss = int(LOSS_COPIES * b * t * v * 4) + head_full
-  backward = _layer_backward(policy, u, weights)
+  loss = int(LOSS_COPIES[cb] * b * t * v * 4) + head_full
+  # Still live while the layers run backward (XLA's schedule on CPU): d(log p) of
+  # the loss and, under FSDP, the all-gathered embedding table of the forward lookup.
+  embed_local = _state_bytes(state.params["embed"], sh)
+  embed_full = _state_bytes(state.params["embed"], sh, drop=batch_axes)
+  leftover = b * t * v * 4 + (embed_full if embed_full != embed_local else 0)
+  backward = _layer_backward(policy, u, weights) + leftover
   inputs = 5 * b * t * 4  # inputs, targets, positions, segments, loss_mask (int32)
   activations = saved + max(loss, backward) + inputs
   return MemoryPlan(
@@ -301,30 +346,32 @@ def plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
       remat_policy=policy, dtype=c.dtype, param_dtype=c.param_dtype, num_params=num_params)
 
 
-def model_config_from(model: Any) -> ModelConfig:
-  """ModelConfig from a config's `model` section (a ConfigDict or dict, optional `preset`)."""
-  fields = dict(model)
-  name = fields.pop("preset", None)
-  known = {f.name for f in dataclasses.fields(ModelConfig)}
-  unknown = sorted(set(fields) - known)
-  if unknown:
-    raise ValueError(f"config.model has unknown fields {unknown}; ModelConfig fields are "
-                     f"{sorted(known)}")
-  return preset(name, **fields) if name else ModelConfig(**fields)
+def _train_section(config, stage: str | None):
+  """(name, section) of the batch/sequence settings: `config.train` or `config.<stage>.train`."""
+  if stage is None and "train" in config:
+    return "config.train", config.train
+  for name in ([stage] if stage else list(config.get("stages", ()))):
+    if name in config and "train" in config[name]:
+      return f"config.{name}.train", config[name].train
+  raise ValueError(f"config has no train section for stage {stage!r}: expected config.train "
+                   f"or config.<stage>.train with batch_size and seq_len")
 
 
-def plan_args_from_config(config) -> dict[str, Any]:
-  """`plan` keyword arguments from an experiment config (`model`, `mesh`, `train`)."""
-  rules = config.mesh.get("rules", None)
-  rules = (tuple((name, tuple(ax) if isinstance(ax, (list, tuple)) else ax) for name, ax in rules)
-           if rules else parallel.DEFAULT_RULES)
-  return dict(model_cfg=model_config_from(config.model), mesh_shape=tuple(config.mesh.shape),
-              rules=rules, batch=config.train.batch_size, seq_len=config.train.seq_len)
+def plan_args_from_config(config, stage: str | None = None) -> dict[str, Any]:
+  """`plan` keyword arguments from an experiment config (`model`, `mesh`, a `train` section)."""
+  from m2.train.loop import MeshConfig, TrainConfig
+  mesh_cfg = configlib.build(MeshConfig, config.mesh, "config.mesh")
+  where, section = _train_section(config, stage)
+  train_cfg = configlib.build(TrainConfig, section, where)
+  return dict(model_cfg=model_config_from(config.model), mesh_shape=mesh_cfg.shape,
+              rules=mesh_cfg.rules, mesh_axes=mesh_cfg.axes, batch=train_cfg.batch_size,
+              seq_len=train_cfg.seq_len, tx=make_optimizer(train_cfg.optimizer))
 
 
-def plan_from_config(config, num_devices: int | None = None, **overrides) -> MemoryPlan:
+def plan_from_config(config, num_devices: int | None = None, stage: str | None = None,
+                     **overrides) -> MemoryPlan:
   """Plan for an experiment config; `overrides` replace `plan` arguments."""
-  return plan(**{**plan_args_from_config(config), **overrides}, num_devices=num_devices)
+  return plan(**{**plan_args_from_config(config, stage), **overrides}, num_devices=num_devices)
 
 
 # --- command line ---------------------------------------------------------------------
@@ -334,7 +381,7 @@ def main(argv):
   from absl import flags
   f = flags.FLAGS
   if f.config is not None:
-    args = plan_args_from_config(f.config)
+    args = plan_args_from_config(f.config, f.stage)
   else:
     args = dict(model_cfg=preset(f.preset), mesh_shape=(1, -1, 1),
                 rules=parallel.DEFAULT_RULES, batch=8, seq_len=2048)
@@ -358,11 +405,13 @@ def _define_flags():
                                   lock_config=False)
   flags.DEFINE_string("preset", "tiny", "model preset when no --config is given "
                       "(with a config: --config.model.preset)")
+  flags.DEFINE_string("stage", None, "stage whose train section sets batch and seq_len "
+                      "(default: config.train, else the first stage that has one)")
   flags.DEFINE_string("mesh", None, "mesh shape data,fsdp,tensor, e.g. 1,8,1 (one may be -1)")
   flags.DEFINE_integer("devices", None, "device count for a -1 mesh entry (default: local)")
   flags.DEFINE_integer("batch", None, "global batch in sequences")
   flags.DEFINE_integer("seq_len", None, "tokens per sequence")
-  flags.DEFINE_enum("remat", None, list(_POLICIES), "remat policy (default: the model's)")
+  flags.DEFINE_enum("remat", None, list(POLICIES), "remat policy (default: the model's)")
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "compute dtype")
   flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16", "float16"], "parameter dtype")
   flags.DEFINE_float("hbm_gib", None, "device memory to check the plan against, GiB")

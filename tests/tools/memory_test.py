@@ -1,0 +1,140 @@
+"""The memory planner against XLA's own accounting of the compiled train step.
+
+XLA's per-device peak for a jitted step is
+  argument_size + output_size - alias_size + temp_size
+(arguments live for the whole step; outputs that are not donated aliases of an
+argument need their own buffers; temp_size is the heap the buffer assigner
+packed every temporary into, fragmentation included). The state is donated, so
+outputs alias arguments and the sum is arguments + temporaries.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+from flax import nnx
+
+from m2 import parallel
+from m2.model import ModelConfig, Transformer, preset
+from m2.tools import memory
+from m2.train import state as train_state
+from m2.train.optimizer import OptimizerConfig, make_optimizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MEDIUM = ModelConfig(vocab_size=32768, num_layers=8, embed_dim=512, num_heads=8,
+                     num_kv_heads=4, head_dim=64, mlp_dim=2048)
+
+
+def compiled_memory(cfg: ModelConfig, mesh_shape, batch: int, seq_len: int):
+  """XLA's memory stats of the real train step, compiled (not run) on fake CPU devices."""
+  n = math.prod(mesh_shape)
+  if jax.device_count() < n:
+    pytest.skip(f"needs {n} devices (tests/conftest.py forces 8 CPU devices)")
+  mesh = parallel.make_mesh(mesh_shape, devices=jax.devices()[:n])
+  tx = make_optimizer(OptimizerConfig())
+  make = lambda: Transformer(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+  abstract, shardings = train_state.abstract_train_state(make, tx, mesh)
+  graphdef = nnx.split(nnx.eval_shape(make))[0]
+  step = train_state.make_train_step(graphdef, tx, train_state.lm_loss, mesh, shardings)
+  spec = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=parallel.data_sharding(mesh))
+  batch_spec = {k: spec for k in ("inputs", "targets", "positions", "segments", "loss_mask")}
+  with parallel.sharding_context(mesh):
+    return step.jitted.lower(abstract, batch_spec).compile().memory_analysis()
+
+
+CASES = [
+    ("tiny", (1, 8, 1), "none"),
+    ("tiny", (2, 2, 2), "full"),
+    ("tiny", (1, 1, 1), "full"),
+    ("medium", (1, 8, 1), "full"),
+    ("medium", (2, 2, 2), "none"),
+    ("medium", (1, 1, 1), "none"),
+]
+
+
+@pytest.mark.parametrize("model,mesh_shape,remat", CASES)
+def test_plan_matches_compiled_memory(model, mesh_shape, remat):
+  cfg = (preset("tiny") if model == "tiny" else MEDIUM).replace(remat_policy=remat)
+  batch, seq_len = 8, 256
+  stats = compiled_memory(cfg, mesh_shape, batch, seq_len)
+  xla_total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+               - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+  p = memory.plan(cfg, mesh_shape, batch=batch, seq_len=seq_len)
+
+  # The state and batch are exact: step + rng key (12 bytes) besides them.
+  assert stats.argument_size_in_bytes == p.params + p.optimizer + p.inputs + 12
+  # Everything together within 15 %.
+  ratio = p.total / xla_total
+  assert 0.85 < ratio < 1.15, (
+      f"{model} {mesh_shape} {remat}: planned {p.total / 2**20:.1f} MiB, "
+      f"XLA {xla_total / 2**20:.1f} MiB (ratio {ratio:.2f})\n{p.table()}")
+
+
+def test_32b_on_a_mesh_that_does_not_exist():
+  cfg = preset("qwen2_5_32b", dtype="bfloat16", remat_policy="full")
+  p = memory.plan(cfg, (1, 64, 1), batch=64, seq_len=4096, num_devices=64)
+  assert p.num_params == cfg.num_params()
+  # fp32 master weights sharded 64 ways; norm scales and qkv biases (no embed
+  # dimension: 1.1M parameters) stay whole on every device.
+  replicated = 64 * (2 * 5120 + 8 * 7 * 128) + 5120
+  assert p.params == 4 * ((cfg.num_params() - replicated) // 64 + replicated)
+  assert p.grads == p.params
+  assert p.optimizer == pytest.approx(2 * p.params, rel=1e-6)
+  assert p.saved == 64 * 4096 * 5120 * 2  # remat full keeps each layer's bf16 input
+  assert p.total < 95 * memory.GiB
+  assert "fits in 95 GiB" in p.table(hbm_gib=95)
+
+
+def test_sharding_and_remat_shrink_the_plan():
+  cfg = preset("tiny")
+  one = memory.plan(cfg, (1, 1, 1), batch=8, seq_len=256)
+  fsdp = memory.plan(cfg, (1, 8, 1), batch=8, seq_len=256)
+  assert fsdp.params * 8 == pytest.approx(one.params, rel=1e-2)
+  assert fsdp.total < one.total
+  full = memory.plan(cfg, (1, 8, 1), batch=8, seq_len=256, remat_policy="full")
+  dots = memory.plan(cfg, (1, 8, 1), batch=8, seq_len=256, remat_policy="dots")
+  assert full.saved < dots.saved < fsdp.saved
+  # No tensor in the model is tagged "qkv_proj" yet, so that policy saves what `full` does.
+  qkv = memory.plan(cfg, (1, 8, 1), batch=8, seq_len=256, remat_policy="qkv_proj")
+  assert ("qkv_proj" in memory.checkpoint_names(cfg)) == (qkv.saved > full.saved)
+
+
+def test_bad_input_fails_clearly():
+  cfg = preset("tiny")
+  with pytest.raises(ValueError, match="not divisible by the 8 batch shards"):
+    memory.plan(cfg, (1, 8, 1), batch=4, seq_len=256)
+  with pytest.raises(ValueError, match="needs 8 devices"):
+    memory.plan(cfg, (2, 2, 2), num_devices=4)
+  with pytest.raises(ValueError, match="remat_policy"):
+    memory.plan(cfg, (1, 1, 1), remat_policy="some")
+
+
+def test_plan_from_config():
+  c = ml_collections.ConfigDict()
+  c.stages = ("midtrain",)
+  c.model = ml_collections.ConfigDict(dict(preset="tiny", hf_checkpoint="",
+                                           remat_policy="full"))
+  c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1), axes=parallel.MESH_AXES,
+                                          rules=tuple(parallel.DEFAULT_RULES)))
+  c.midtrain = ml_collections.ConfigDict(dict(train=dict(batch_size=16, seq_len=128)))
+  p = memory.plan_from_config(c, num_devices=8)
+  assert (p.mesh, p.batch, p.seq_len, p.remat_policy) == (
+      {"data": 1, "fsdp": 8, "tensor": 1}, 16, 128, "full")
+  assert p.total == memory.plan(preset("tiny"), (1, 8, 1), batch=16, seq_len=128,
+                                remat_policy="full").total
+
+
+def test_command_line():
+  out = subprocess.run(
+      [sys.executable, "-m", "m2.tools.memory", "--preset=qwen2_5_32b", "--mesh=1,8,1",
+       "--devices=8", "--batch=8", "--seq_len=4096", "--remat=full", "--dtype=bfloat16",
+       "--hbm_gib=80"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
+  assert "data 1 x fsdp 8 x tensor 1 (8 devices), global batch 8 x 4096" in out
+  assert "fits in 80 GiB" in out or "does NOT fit in 80 GiB" in out
+  assert out.strip().splitlines()[-1].startswith('{"params": ')
