@@ -61,6 +61,8 @@ def _initial_params(config, model_cfg, mesh_cfg):
 
 def run_midtrain(config, workdir, model_cfg, mesh_cfg, init_params):
   """Language-model training on the medical text corpus (packed documents)."""
+  import jax
+
   from m2.data.text import lm_dataset, read_texts
   from m2.data.tokenizers import load_tokenizer
   from m2.train.loop import TrainConfig, train
@@ -72,7 +74,9 @@ def run_midtrain(config, workdir, model_cfg, mesh_cfg, init_params):
     raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
                      f"tokenizer's {tokenizer.vocab_size}")
   texts = read_texts(stage.sources, stage.data_dir or None)
-  data = lm_dataset(texts, tokenizer, batch_size=train_cfg.batch_size,
+  # Each host reads its own documents and feeds its share of the global batch.
+  hosts, host = jax.process_count(), jax.process_index()
+  data = lm_dataset(texts[host::hosts], tokenizer, batch_size=train_cfg.batch_size // hosts,
                     seq_len=train_cfg.seq_len, seed=train_cfg.seed)
   result = train(model_cfg, train_cfg, mesh_cfg, data, workdir, init_params=init_params,
                  meta={"stage": "midtrain", "sources": list(stage.sources)})

@@ -78,6 +78,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, datase
           on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
   """Trains from `dataset` (a grain IterDataset of numpy batches) in `workdir`.
 
+  On several hosts, each process's `dataset` yields its own
+  `batch_size // jax.process_count()` rows.
+
   `init_params` seeds a fresh run (e.g. the previous stage's weights or an HF
   import); a run with checkpoints in `workdir` always resumes from them.
   """
@@ -117,6 +120,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, datase
   final: dict[str, float] = {}
   bar = tqdm(total=cfg.steps, initial=step, desc=os.path.basename(workdir) or "train",
              dynamic_ncols=True, disable=None)
+  tokens_per_step = cfg.batch_size * cfg.seq_len
+  last_log = (time.time(), step)
   try:
     while step < cfg.steps:
       batch = next(iterator)
@@ -126,7 +131,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, datase
       step += 1
       if step % cfg.log_every == 0 or step == cfg.steps:
         final = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        final["learning_rate"] = float(lr_schedule(step))
+        final["learning_rate"] = float(lr_schedule(step - 1))  # the rate this step used
+        now = time.time()
+        final["tokens_per_s"] = tokens_per_step * (step - last_log[1]) / (now - last_log[0])
+        last_log = (now, step)
         writer.write(step, final)
         bar.set_postfix(loss=f"{final['loss']:.3f}")
         if on_step is not None:
