@@ -43,6 +43,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 LOGICAL_AXES = frozenset(name for name, _ in DEFAULT_RULES)
 
 Rules = Sequence[tuple[str, Any]]
+_WARNED: set = set()
 
 
 def make_mesh(shape: Sequence[int], axes: Sequence[str] = MESH_AXES,
