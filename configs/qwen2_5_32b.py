@@ -20,6 +20,11 @@ import ml_collections
 
 from m2 import parallel
 
+# Benchmark test sets stay unseen by training (evaluation issues score on them).
+TEST_SPLITS = ("pubmedqa:test", "mts_dialog:test1", "mts_dialog:test2", "aci_bench:test1",
+               "aci_bench:test2", "aci_bench:test3")
+MEDICAL = ("agentclinic", "mediq_qa", "mts_dialog", "aci_bench", "pubmedqa", "cmtmedqa")
+
 # (mesh shape over (data, fsdp, tensor), param_dtype, global batch)
 _MESHES = {
     # fp32 master weights + Adam need 16 B/param = 525 GB: more than 8 x 80 GB
@@ -41,12 +46,17 @@ def get_config(arg: str = "h100x8"):
       dtype="bfloat16", param_dtype=param_dtype, remat_policy="full"))
   c.mesh = ml_collections.ConfigDict(dict(
       shape=shape, axes=parallel.MESH_AXES, rules=tuple(parallel.DEFAULT_RULES)))
-  c.midtrain = ml_collections.ConfigDict(dict(
-      sources=("mts_dialog", "aci_bench"),
-      data_dir="",
+  c.data = ml_collections.ConfigDict(dict(
+      data_dir="", cache_dir="",
       tokenizer="",         # "": the HF checkpoint's tokenizer.json
+      heldout_fraction=0.02, exclude_splits=TEST_SPLITS,
+      math_items=20000, math_seed=0, read_threads=4))
+  c.midtrain = ml_collections.ConfigDict(dict(
+      mix=dict(medical=2.0, general=2.0, math=1.0),
+      domains=dict(medical=MEDICAL, general=(), math=("math",)),   # general: "name=glob"
+      mix_batches=256,
       train=dict(steps=1000, batch_size=batch, seq_len=4096, log_every=10, save_every=200,
-                 keep_checkpoints=2, seed=0,
+                 eval_every=100, eval_batches=8, keep_checkpoints=2, seed=0,
                  optimizer=dict(learning_rate=1e-5, warmup_steps=50, decay_steps=950,
                                 end_lr_ratio=0.1, weight_decay=0.1, grad_clip_norm=1.0)),
   ))

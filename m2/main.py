@@ -2,11 +2,16 @@ r"""Runs the stages an experiment config lists, in order, in one workdir.
 
   python -m m2.main --config=configs/tiny.py --workdir=runs/tiny
   python -m m2.main --config=configs/tiny.py --workdir=runs/tiny --stages=midtrain \
-      --config.midtrain.steps=50
+      --config.midtrain.train.steps=50
 
-Each stage writes `workdir/<stage>/`. A finished stage is skipped, an
-interrupted one resumes from its last checkpoint, and a stage starts from the
-weights the previous stage ended with (or `config.model.hf_checkpoint`).
+Stages: `midtrain` (LM loss on the medical/general/math mix, held-out loss
+every `eval_every` steps) and `sft` (assistant-only loss on doctor turns).
+Each stage writes `workdir/<stage>/`: checkpoints, metrics.jsonl, TensorBoard
+events, data.json (what the de-identified data held) and, for midtrain,
+mix.json (the realised token mix). A finished stage is skipped, an interrupted
+one resumes from its last checkpoint (data iterator included), and a stage
+starts from the weights the previous stage ended with (or
+`config.model.hf_checkpoint`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from ml_collections import config_flags
 
 from m2 import configlib
 from m2.model.config import model_config_from
+from m2.train.loop import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,31 +65,182 @@ def _initial_params(config, model_cfg, mesh_cfg):
   return params
 
 
-def run_midtrain(config, workdir, model_cfg, mesh_cfg, init_params):
-  """Language-model training on the medical text corpus (packed documents)."""
-  import jax
+@dataclasses.dataclass(frozen=True)
+class MidtrainConfig:
+  """config.midtrain: LM loss on a domain mix (ratios over named groups of sources)."""
+  mix: dict = dataclasses.field(default_factory=lambda: {"medical": 2.0, "general": 2.0,
+                                                         "math": 1.0})
+  domains: dict = dataclasses.field(default_factory=lambda: {
+      "medical": ("agentclinic", "mediq_qa", "mts_dialog", "aci_bench", "pubmedqa", "cmtmedqa"),
+      "general": (), "math": ("math",)})
+  mix_batches: int = 256   # training batches counted at the start to report the realised mix
+  train: TrainConfig = TrainConfig()
 
-  from m2.data.text import lm_dataset, read_texts
-  from m2.data.tokenizers import load_tokenizer
-  from m2.train.loop import TrainConfig, train
+  def __post_init__(self):
+    from m2.data.mixture import Mixture
+    Mixture(self.mix, self.domains)   # validates ratios and domains
+    if not (isinstance(self.mix_batches, int) and self.mix_batches >= 0):
+      raise ValueError(f"mix_batches must be an int >= 0, got {self.mix_batches!r}")
 
-  stage = config.midtrain
-  train_cfg = configlib.build(TrainConfig, stage.train, "config.midtrain.train")
-  tokenizer = load_tokenizer(stage.tokenizer or config.model.hf_checkpoint or "byte")
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  """config.sft: assistant-only loss on the doctor turns of dialogue sources."""
+  sources: tuple[str, ...] = ("mts_dialog", "aci_bench")
+  thinking_mode: str = "off"   # Baichuan-M2's switch: "on", "off" or "auto"
+  system: str = ""             # a system prompt for every chat ("": none)
+  pack: bool = True            # first-fit pack windows into rows (else one per row, padded)
+  train: TrainConfig = TrainConfig()
+
+  def __post_init__(self):
+    from m2.data.chat import THINKING_MODES
+    if self.thinking_mode not in THINKING_MODES:
+      raise ValueError(f"thinking_mode must be one of {THINKING_MODES}, got {self.thinking_mode!r}")
+    if not self.sources:
+      raise ValueError("sources: no dialogue source")
+
+
+def _data_setup(config, model_cfg):
+  """(DataConfig, tokenizer) shared by the data stages; checks the vocabulary fits."""
+  from m2.data import pipelines
+  data_cfg = configlib.build(pipelines.DataConfig, config.data, "config.data")
+  tokenizer = pipelines.load_data_tokenizer(data_cfg, config.model.get("hf_checkpoint", ""))
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
-                     f"tokenizer's {tokenizer.vocab_size}")
-  texts = read_texts(stage.sources, stage.data_dir or None)
-  # Each host reads its own documents and feeds its share of the global batch.
+                     f"tokenizer's {tokenizer.vocab_size} (config.data.tokenizer)")
+  return data_cfg, tokenizer
+
+
+def _prepare(kind, sources, data_cfg):
+  """Prepares once per cache: process 0 first, then the others (shared or local disks)."""
+  import jax
+
+  from m2.data import pipelines
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+      pipelines.prepare_data(kind, sources, data_cfg)
+    multihost_utils.sync_global_devices(f"m2.prepare.{kind}")
+  prepared = pipelines.prepare_data(kind, sources, data_cfg)
+  log.info("%s data (%s):\n%s", kind, prepared.directory, _source_table(prepared.report))
+  return prepared
+
+
+def _source_table(report) -> str:
+  rows = [("source", "train", "held out", "excluded", "skipped", "PHI replaced")]
+  for name, r in report["sources"].items():
+    phi = ", ".join(f"{k} {v}" for k, v in sorted(r["phi_replaced"].items())) or "-"
+    rows.append((name, str(r["train"]), str(r["heldout"]), str(r["excluded"]),
+                 str(r["skipped"]), phi))
+  w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  return "\n".join("  ".join(c.ljust(w[i]) if i in (0, 5) else c.rjust(w[i])
+                             for i, c in enumerate(row)) for row in rows)
+
+
+def _save_json(workdir, name, obj):
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, name), "w") as f:
+    json.dump(obj, f, indent=1, ensure_ascii=False)
+
+
+def run_midtrain(config, workdir, model_cfg, mesh_cfg, init_params):
+  """LM training on the domain mix; held-out loss on documents never trained on."""
+  import itertools
+
+  import jax
+
+  from m2.data import mixture, pipelines, tfds_builders
+  from m2.train.loop import train
+
+  stage = configlib.build(MidtrainConfig, config.midtrain, "config.midtrain")
+  train_cfg = stage.train
+  data_cfg, tokenizer = _data_setup(config, model_cfg)
+  specs = [s for names in stage.domains.values() for s in names]
+  docs = _prepare("documents", specs, data_cfg)
+  mix = mixture.Mixture(stage.mix, {d: tuple(tfds_builders.source_name(s) for s in names)
+                                    for d, names in stage.domains.items()})
+  resolved = mix.resolve(n for n, r in docs.report["sources"].items() if r["train"])
   hosts, host = jax.process_count(), jax.process_index()
-  data = lm_dataset(texts[host::hosts], tokenizer, batch_size=train_cfg.batch_size // hosts,
-                    seq_len=train_cfg.seq_len, seed=train_cfg.seed)
-  result = train(model_cfg, train_cfg, mesh_cfg, data, workdir, init_params=init_params,
-                 meta={"stage": "midtrain", "sources": list(stage.sources)})
-  return result, "loss", result.final_metrics.get("loss")
+
+  def data(heldout: bool, keep_sources: bool = False, seed: int = train_cfg.seed):
+    split = "heldout" if heldout else "train"
+    sources = docs.report["sources"]
+    return pipelines.lm_dataset(
+        docs.sources_dict(heldout), tokenizer, batch_size=train_cfg.batch_size // hosts,
+        seq_len=train_cfg.seq_len, seed=seed, keep_sources=keep_sources,
+        mixture=mix.resolve(n for n, r in sources.items() if r[split]) if heldout else resolved,
+        shard_index=host, shard_count=hosts, read_threads=data_cfg.read_threads,
+        chars={s: r[f"{split}_chars"] for s, r in sources.items()})
+
+  _save_json(workdir, "data.json", {"tokenizer": data_cfg.tokenizer, "documents": docs.report})
+  mix_path = os.path.join(workdir, "mix.json")
+  if not os.path.exists(mix_path) and stage.mix_batches:
+    # The same seed gives the same stream: these are the run's first batches.
+    n = min(stage.mix_batches, train_cfg.steps)
+    counts = mixture.count_tokens(itertools.islice(data(False, keep_sources=True), n),
+                                  list(docs.sources))
+    _save_json(workdir, "mix.json", {"batches": n, **mixture.mix_report(counts, resolved)})
+  if os.path.exists(mix_path):
+    with open(mix_path) as f:
+      realised = json.load(f)
+    log.info("realised mix over the first %d batches (%s tokens):\n%s", realised["batches"],
+             f"{realised['tokens']:,}", mixture.format_mix(realised))
+  has_heldout = any(r["heldout"] for r in docs.report["sources"].values())
+  if not has_heldout and train_cfg.eval_every:
+    log.warning("midtrain: no held-out documents (config.data.heldout_fraction); no eval_loss")
+  result = train(model_cfg, train_cfg, mesh_cfg, data(False), workdir, init_params=init_params,
+                 eval_dataset=data(True, seed=train_cfg.seed + 1) if has_heldout else None,
+                 meta={"stage": "midtrain", "sources": specs, "tokenizer": data_cfg.tokenizer})
+  return _headline(result)
 
 
-STAGES: dict[str, Callable] = {"midtrain": run_midtrain}
+def run_sft(config, workdir, model_cfg, mesh_cfg, init_params):
+  """Assistant-only loss on the doctor turns of the dialogue sets, from midtrain's weights."""
+  import jax
+
+  from m2.data import pipelines
+  from m2.data.chat import ChatFormat
+  from m2.train.loop import train
+
+  stage = configlib.build(SFTConfig, config.sft, "config.sft")
+  train_cfg = stage.train
+  data_cfg, tokenizer = _data_setup(config, model_cfg)
+  chats = _prepare("chats", stage.sources, data_cfg)
+  fmt = ChatFormat(tokenizer, thinking_mode=stage.thinking_mode, system=stage.system or None)
+  stats = pipelines.window_stats(chats.sources_dict(), fmt, train_cfg.seq_len)
+  log.info("sft windows (seq_len %d): %s", train_cfg.seq_len, stats.summary())
+  _save_json(workdir, "data.json", {"tokenizer": data_cfg.tokenizer, "chats": chats.report,
+                                    "windows": dataclasses.asdict(stats)})
+  if init_params is None:
+    log.warning("sft starts from random weights: no earlier stage ran and no hf_checkpoint")
+  hosts, host = jax.process_count(), jax.process_index()
+
+  def data(heldout: bool, seed: int):
+    return pipelines.sft_dataset(
+        chats.sources_dict(heldout), fmt, batch_size=train_cfg.batch_size // hosts,
+        seq_len=train_cfg.seq_len, seed=seed, pack=stage.pack, shard_index=host,
+        shard_count=hosts, read_threads=data_cfg.read_threads)
+
+  has_heldout = any(r["heldout"] for r in chats.report["sources"].values())
+  if not has_heldout and train_cfg.eval_every:
+    log.warning("sft: no held-out chats (config.data.heldout_fraction); no eval_loss")
+  result = train(model_cfg, train_cfg, mesh_cfg, data(False, train_cfg.seed), workdir,
+                 init_params=init_params,
+                 eval_dataset=data(True, train_cfg.seed + 1) if has_heldout else None,
+                 meta={"stage": "sft", "sources": list(stage.sources),
+                       "tokenizer": data_cfg.tokenizer, "thinking_mode": stage.thinking_mode})
+  return _headline(result)
+
+
+def _headline(result):
+  """The stage's headline metric: held-out loss when it was measured, else train loss."""
+  metrics = result.final_metrics
+  if "eval_loss" in metrics:
+    return result, "eval_loss", metrics["eval_loss"]
+  return result, "loss", metrics.get("loss")
+
+
+STAGES: dict[str, Callable] = {"midtrain": run_midtrain, "sft": run_sft}
 
 
 def run(config, workdir: str, stages: list[str] | None = None) -> list[StageResult]:

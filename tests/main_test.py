@@ -1,6 +1,7 @@
 """The main job: stages from one config, skip when done, clear config errors."""
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -10,66 +11,132 @@ from m2 import main
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**train):
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  """One data cache for the module: each prepared dataset is written once."""
+  return str(tmp_path_factory.mktemp("cache"))
+
+
+def tiny_config(cache, **train):
   train = {"batch_size": 8, **train}
   spec = importlib.util.spec_from_file_location("tiny", os.path.join(REPO, "configs/tiny.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
+  c.stages = ("midtrain",)
   c.model.update(preset="", vocab_size=320, num_layers=1, embed_dim=32, num_heads=2,
                  num_kv_heads=1, head_dim=16, mlp_dim=64)
-  c.midtrain.train.update(steps=6, seq_len=32, log_every=2, save_every=3,
-                          **train)
+  # Bytes and two quick sources keep the data preparation to seconds.
+  c.data.update(tokenizer="byte", cache_dir=cache, math_items=300)
+  c.midtrain.domains.medical = ("mts_dialog",)
+  c.midtrain.mix_batches = 6
+  c.midtrain.train.update(steps=6, seq_len=32, log_every=2, save_every=3, eval_every=3,
+                          eval_batches=2, **train)
+  c.sft.train.update(steps=4, batch_size=8, seq_len=64, log_every=2, save_every=4,
+                     eval_every=2, eval_batches=2)
   return c
 
 
-def test_tiny_pipeline_trains_then_skips_when_done(tmp_path):
-  results = main.run(tiny_config(), str(tmp_path))
-  assert [(r.name, r.status) for r in results] == [("midtrain", "ran")]
+def test_tiny_pipeline_trains_then_skips_when_done(tmp_path, cache):
+  results = main.run(tiny_config(cache), str(tmp_path))
+  assert [(r.name, r.status, r.metric) for r in results] == [("midtrain", "ran", "eval_loss")]
   first_loss = results[0].value
   assert 0 < first_loss < 6.0  # below uniform over the byte vocab (ln 259 = 5.56) plus slack
   stage = tmp_path / "midtrain"
   assert (stage / "metrics.jsonl").exists() and (stage / "tb").is_dir()
   assert sorted(os.listdir(stage / "checkpoints")) == ["3", "6"]
-  again = main.run(tiny_config(), str(tmp_path))
+  mix = json.loads((stage / "mix.json").read_text())
+  assert set(mix["domains"]) == {"medical", "math"} and mix["dropped"] == {
+      "general": "no sources listed"}
+  data = json.loads((stage / "data.json").read_text())
+  assert data["documents"]["sources"]["mts_dialog"]["excluded"] == 400   # MTS test sets
+  again = main.run(tiny_config(cache), str(tmp_path))
   assert [(r.name, r.status, r.value) for r in again] == [("midtrain", "skipped", first_loss)]
   table = main.summary_table(again)
   assert "midtrain" in table and "skipped" in table
 
 
-def test_loss_goes_down_on_the_medical_corpus(tmp_path):
-  c = tiny_config()
-  c.midtrain.train.update(steps=30, log_every=5, save_every=30)
+def test_loss_goes_down_on_the_medical_corpus(tmp_path, cache):
+  c = tiny_config(cache)
+  c.midtrain.train.update(steps=30, log_every=5, save_every=30, eval_every=15)
   c.midtrain.train.optimizer.update(learning_rate=3e-3, warmup_steps=5, decay_steps=25)
   main.run(c, str(tmp_path))
   from m2.train.metrics import read_metrics
-  losses = [r["loss"] for r in read_metrics(str(tmp_path / "midtrain"))]
+  rows = read_metrics(str(tmp_path / "midtrain"))
+  losses = [r["loss"] for r in rows if "loss" in r]
   assert losses[-1] < losses[0] - 1.0, losses
+  evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+  assert [s for s, _ in evals] == [0, 15, 30] and evals[-1][1] < evals[0][1] - 1.0, evals
 
 
-def test_unknown_config_field_is_named(tmp_path):
-  c = tiny_config()
+def test_sft_starts_from_midtrain_weights_and_trains_on_doctor_turns(tmp_path, cache,
+                                                                     monkeypatch):
+  from m2.train import loop
+  starts = []
+  real = loop.train
+
+  def spy(*args, **kwargs):
+    starts.append(kwargs.get("init_params"))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(loop, "train", spy)
+  c = tiny_config(cache)
+  c.stages = ("midtrain", "sft")
+  c.midtrain.train.update(steps=2, save_every=2, eval_every=0)
+  c.sft.sources = ("aci_bench",)
+  results = main.run(c, str(tmp_path))
+  assert [(r.name, r.status, r.metric) for r in results] == [
+      ("midtrain", "ran", "loss"), ("sft", "ran", "eval_loss")]
+  assert starts[0] is None and starts[1] is results[0].params
+  from m2.train.metrics import read_metrics
+  rows = read_metrics(str(tmp_path / "sft"))
+  assert [r["step"] for r in rows] == [0, 2, 4] and all("eval_loss" in r for r in rows)
+  windows = json.loads((tmp_path / "sft" / "data.json").read_text())["windows"]
+  assert windows["chats"] == 84 and 0 < windows["assistant_tokens"] < windows["tokens"]
+  again = main.run(c, str(tmp_path), stages=["sft"])
+  assert [(r.name, r.status) for r in again] == [("sft", "skipped")]
+
+
+def test_unknown_config_field_is_named(tmp_path, cache):
+  c = tiny_config(cache)
   c.midtrain.train.unlock()
   c.midtrain.train.stepz = 3
   with pytest.raises(ValueError, match=r"config\.midtrain\.train\.stepz"):
     main.run(c, str(tmp_path))
 
 
-def test_bad_model_field_is_named(tmp_path):
-  c = tiny_config()
+def test_bad_data_and_sft_fields_are_named(tmp_path, cache):
+  c = tiny_config(cache)
+  c.stages = ("midtrain", "sft")
+  c.sft.thinking_mode = "maybe"
+  with pytest.raises(ValueError, match=r"config\.sft: thinking_mode must be one of"):
+    main.run(c, str(tmp_path), stages=["sft"])
+  c = tiny_config(cache)
+  c.midtrain.domains.medical = ("healthbench",)
+  from m2.data.loaders import EvalOnlyError
+  with pytest.raises(EvalOnlyError, match="evaluation-only"):
+    main.run(c, str(tmp_path))
+  c = tiny_config(cache)
+  c.midtrain.mix.math = -1.0
+  with pytest.raises(ValueError, match=r"config\.midtrain: mix ratio of 'math'"):
+    main.run(c, str(tmp_path))
+
+
+def test_bad_model_field_is_named(tmp_path, cache):
+  c = tiny_config(cache)
   c.model.num_kv_heads = 3
   with pytest.raises(ValueError, match=r"config\.model.*num_kv_heads"):
     main.run(c, str(tmp_path))
 
 
-def test_unknown_stage_is_refused(tmp_path):
+def test_unknown_stage_is_refused(tmp_path, cache):
   with pytest.raises(ValueError, match="not in config.stages"):
-    main.run(tiny_config(), str(tmp_path), stages=["midtrian"])
+    main.run(tiny_config(cache), str(tmp_path), stages=["midtrian"])
 
 
-def test_batch_that_does_not_split_over_the_mesh_is_refused(tmp_path):
+def test_batch_that_does_not_split_over_the_mesh_is_refused(tmp_path, cache):
   with pytest.raises(ValueError, match="batch_size=4 is not divisible by the data-parallel size 8"):
-    main.run(tiny_config(batch_size=4), str(tmp_path))
+    main.run(tiny_config(cache, batch_size=4), str(tmp_path))
 
 
 def _tiny_hf_checkpoint(folder):
@@ -78,12 +145,13 @@ def _tiny_hf_checkpoint(folder):
   import transformers
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-  from m2.data.text import read_texts
+  from m2.data import deid, loaders, records
 
+  dialogues = loaders.load_source("mts_dialog", policy="skip")[0][:200]
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator(read_texts(["mts_dialog"])[:200], trainers.BpeTrainer(
+  tok.train_from_iterator(records.documents(deid.gate(dialogues).records), trainers.BpeTrainer(
       vocab_size=400, special_tokens=["<|endoftext|>"],
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   tok.save(os.path.join(folder, "tokenizer.json"))
@@ -94,15 +162,15 @@ def _tiny_hf_checkpoint(folder):
   transformers.Qwen2ForCausalLM(hf_cfg).save_pretrained(folder)
 
 
-def test_pipeline_starts_from_a_local_hf_checkpoint_on_a_mesh(tmp_path):
+def test_pipeline_starts_from_a_local_hf_checkpoint_on_a_mesh(tmp_path, cache):
   from m2.model import hf
 
   ckpt = tmp_path / "hf"
   ckpt.mkdir()
   _tiny_hf_checkpoint(str(ckpt))
-  c = tiny_config()
+  c = tiny_config(cache)
   c.model.hf_checkpoint = str(ckpt)
-  c.midtrain.tokenizer = ""                      # use the checkpoint's tokenizer.json
+  c.data.tokenizer = ""                          # use the checkpoint's tokenizer.json
   c.mesh.shape = (2, 2, 2)
   results = main.run(c, str(tmp_path / "run"))
   assert results[0].status == "ran"

@@ -4,7 +4,7 @@
     print(report.summary())                       # "agentclinic: 214 loaded, 0 skipped"
     dialogues, _ = load_source("aci_bench", policy="skip")
 
-Every loader takes `data_dir` (default `m2.data.text.default_data_dir()`),
+Every loader takes `data_dir` (default `default_data_dir()`: $M2_DATA_DIR or ../shared/data),
 `policy` and `splits`. A malformed record is a `RecordError` naming the file
 and line (JSONL, CSV) or record id (JSON). Under `policy="skip"` it is counted
 in the report, with its location and reason, and logged instead. Nothing is
@@ -30,9 +30,16 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 from m2.data.records import (Dialogue, Fact, HealthBenchExample, Message, PatientCase, QAItem,
                              RecordValidationError, RubricItem, Turn)
-from m2.data.text import default_data_dir
 
 log = logging.getLogger(__name__)
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def default_data_dir() -> str:
+  """$M2_DATA_DIR, else the `shared/data` folder beside the repository."""
+  return os.environ.get("M2_DATA_DIR") or os.path.join(os.path.dirname(_REPO), "shared", "data")
+
 
 POLICIES = ("raise", "skip")
 MAX_FIELD_CHARS = 1_000_000   # a longer text field is hostile or broken input

@@ -208,9 +208,7 @@ def training_corpus(data_dir: str | None = None, sources: Sequence[str] | None =
 def _corpus_fingerprint(data_dir: str | None, sources: Sequence[str]) -> str:
   """Hash of the source files and the de-id rules: what the trained model depends on."""
   from m2.data import deid, deid_lexicon, loaders
-  from m2.data.text import default_data_dir
-
-  root = data_dir or default_data_dir()
+  root = data_dir or loaders.default_data_dir()
   h = hashlib.sha1()
   for path in sorted({f for name in sources for f in loaders.source_files(name, root)}):
     h.update(os.path.relpath(path, root).encode())

@@ -38,13 +38,18 @@ class TrainConfig:
   keep_checkpoints: int = 2
   async_checkpoints: bool = True
   seed: int = 0
+  eval_every: int = 0      # held-out loss every N steps (and at the start); 0: never
+  eval_batches: int = 8    # the same first N batches of `eval_dataset` every time
   optimizer: OptimizerConfig = OptimizerConfig()
 
   def __post_init__(self):
-    for f in ("steps", "batch_size", "seq_len", "log_every", "save_every", "keep_checkpoints"):
+    for f in ("steps", "batch_size", "seq_len", "log_every", "save_every", "keep_checkpoints",
+              "eval_batches"):
       v = getattr(self, f)
       if not (isinstance(v, int) and v > 0):
         raise ValueError(f"TrainConfig.{f}: must be a positive int (got {v!r})")
+    if not (isinstance(self.eval_every, int) and self.eval_every >= 0):
+      raise ValueError(f"TrainConfig.eval_every: must be an int >= 0 (got {self.eval_every!r})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +79,7 @@ class TrainResult:
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, dataset,
           workdir: str, *, loss_fn=lm_loss, init_params: nnx.State | None = None,
-          meta: dict | None = None,
+          meta: dict | None = None, eval_dataset=None,
           on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
   """Trains from `dataset` (a grain IterDataset of numpy batches) in `workdir`.
 
@@ -83,6 +88,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, datase
 
   `init_params` seeds a fresh run (e.g. the previous stage's weights or an HF
   import); a run with checkpoints in `workdir` always resumes from them.
+
+  With `eval_dataset` (batches like `dataset`'s, never trained on) and
+  `cfg.eval_every`, the token-weighted `loss_fn` over its first
+  `cfg.eval_batches` batches is logged as `eval_loss` at step 0, every
+  `eval_every` steps and at the end.
   """
   start = time.time()
   mesh = mesh_cfg.make()
@@ -114,14 +124,20 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, datase
 
   step_fn = make_train_step(graphdef, tx, loss_fn, mesh, shardings, rules)
   batch_sharding = parallel.data_sharding(mesh, rules)
+  evaluate = None
+  if eval_dataset is not None and cfg.eval_every:
+    evaluate = _make_eval(graphdef, loss_fn, mesh, rules, shardings.params, batch_sharding,
+                          eval_dataset, cfg.eval_batches)
   writer = MetricsWriter(workdir, resume_step=resumed_from or 0)
   step = int(jax.device_get(state.step))
+  if evaluate is not None and step == 0:
+    writer.write(0, {"eval_loss": evaluate(state.params)})
   first = step
   final: dict[str, float] = {}
   bar = tqdm(total=cfg.steps, initial=step, desc=os.path.basename(workdir) or "train",
              dynamic_ncols=True, disable=None)
   tokens_per_step = cfg.batch_size * cfg.seq_len
-  last_log = (time.time(), step)
+  last_log, eval_s = (time.time(), step), 0.0
   try:
     while step < cfg.steps:
       batch = next(iterator)
@@ -129,16 +145,25 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, datase
                for k, v in batch.items()}
       state, metrics = step_fn(state, batch)
       step += 1
+      logged = {}
       if step % cfg.log_every == 0 or step == cfg.steps:
-        final = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        final["learning_rate"] = float(lr_schedule(step - 1))  # the rate this step used
-        now = time.time()
-        final["tokens_per_s"] = tokens_per_step * (step - last_log[1]) / (now - last_log[0])
-        last_log = (now, step)
-        writer.write(step, final)
-        bar.set_postfix(loss=f"{final['loss']:.3f}")
+        logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        logged["learning_rate"] = float(lr_schedule(step - 1))  # the rate this step used
+      if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+        eval_start = time.time()
+        logged["eval_loss"] = evaluate(state.params)
+        eval_s += time.time() - eval_start
+      if "loss" in logged:
+        now = time.time()   # tokens/s counts training time only, not evaluation
+        logged["tokens_per_s"] = (tokens_per_step * (step - last_log[1])
+                                  / max(now - last_log[0] - eval_s, 1e-9))
+        last_log, eval_s = (now, step), 0.0
+      if logged:
+        final.update(logged)
+        writer.write(step, logged)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in logged.items() if k in ("loss", "eval_loss")})
         if on_step is not None:
-          on_step(step, final)
+          on_step(step, logged)
       if step % cfg.save_every == 0 or step == cfg.steps:
         ckpt.save(step, state, {"iterator": iterator.get_state()}, meta, force=True)
       bar.update(1)
@@ -152,6 +177,39 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, datase
   return TrainResult(state=state, graphdef=graphdef, steps_run=step - first,
                      resumed_from=resumed_from, final_metrics=final,
                      wall_s=time.time() - start)
+
+
+def _make_eval(graphdef, loss_fn, mesh, rules, param_shardings, batch_sharding, dataset,
+               num_batches: int) -> Callable[[nnx.State], float]:
+  """`evaluate(params) -> loss` over the first `num_batches` batches of `dataset`,
+  weighted by the loss's "tokens" (a token-mean loss stays a token mean)."""
+  batches = []
+  for batch in dataset:
+    batches.append({k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+                    for k, v in batch.items()})
+    if len(batches) == num_batches:
+      break
+  if not batches:
+    raise ValueError("eval_dataset yielded no batches")
+  if len(batches) < num_batches:
+    log.warning("eval_dataset has %d batches, fewer than eval_batches=%d", len(batches),
+                num_batches)
+
+  def total(params, batch):
+    loss, aux = loss_fn(nnx.merge(graphdef, params), batch)
+    weight = aux.get("tokens", 1.0)
+    return loss * weight, weight
+
+  jitted = jax.jit(total, in_shardings=(param_shardings, batch_sharding),
+                   out_shardings=parallel.replicated(mesh))
+
+  def evaluate(params) -> float:
+    with parallel.sharding_context(mesh, rules):
+      sums = [jitted(params, b) for b in batches]
+    loss, weight = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0)
+    return float(loss / max(weight, 1e-9))
+
+  return evaluate
 
 
 def _place(params: nnx.State, shardings) -> nnx.State:

@@ -120,24 +120,29 @@ def _main_cmd(workdir):
       "--config.model.preset=", f"--config.midtrain.train.steps={STEPS}",
       "--config.midtrain.train.save_every=4", "--config.midtrain.train.log_every=2",
       "--config.midtrain.train.batch_size=4", "--config.midtrain.train.seq_len=64",
+      "--config.midtrain.train.eval_every=12", "--config.midtrain.train.eval_batches=2",
       "--config.midtrain.train.optimizer.warmup_steps=2",
-      "--config.midtrain.train.optimizer.decay_steps=10"]
-  return [sys.executable, "-m", "m2.main", "--config=configs/tiny.py",
+      "--config.midtrain.train.optimizer.decay_steps=10",
+      # Bytes and two quick sources keep the data preparation to seconds.
+      "--config.data.tokenizer=byte", "--config.data.math_items=300",
+      "--config.midtrain.domains.medical=('mts_dialog',)", "--config.midtrain.mix_batches=4"]
+  return [sys.executable, "-m", "m2.main", "--config=configs/tiny.py", "--stages=midtrain",
           f"--workdir={workdir}", *overrides]
 
 
-def _env():
+def _env(tmp_path):
   env = dict(os.environ)
   env["XLA_FLAGS"] = ""  # one CPU device: the fastest way through on a 2-core box
+  env["M2_CACHE_DIR"] = str(tmp_path / "cache")   # the runs share one prepared dataset
   return env
 
 
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
-  subprocess.run(_main_cmd(straight), cwd=REPO, env=_env(), check=True,
+  subprocess.run(_main_cmd(straight), cwd=REPO, env=_env(tmp_path), check=True,
                  capture_output=True, timeout=600)
 
-  proc = subprocess.Popen(_main_cmd(killed), cwd=REPO, env=_env(),
+  proc = subprocess.Popen(_main_cmd(killed), cwd=REPO, env=_env(tmp_path),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpt_dir = killed / "midtrain" / "checkpoints"
   deadline = time.time() + 300
@@ -152,14 +157,16 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
   interrupted_at, _ = _final_params(killed)
   assert 8 <= interrupted_at < STEPS
 
-  result = subprocess.run(_main_cmd(killed), cwd=REPO, env=_env(), check=True,
+  result = subprocess.run(_main_cmd(killed), cwd=REPO, env=_env(tmp_path), check=True,
                           capture_output=True, text=True, timeout=600)
   assert "resumed" in result.stdout
   step_a, a = _final_params(straight)
   step_b, b = _final_params(killed)
   assert step_a == step_b == STEPS
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a.params, b.params)
-  # The metrics log has each step once, even though the killed run logged some twice.
+  # The metrics log has each step once, even though the killed run logged some twice;
+  # held-out loss at the start, every 12 steps and at the end.
   with open(killed / "midtrain" / "metrics.jsonl") as f:
-    steps = [json.loads(l)["step"] for l in f]
-  assert steps == list(range(2, STEPS + 1, 2))
+    rows = [json.loads(l) for l in f]
+  assert [r["step"] for r in rows] == [0] + list(range(2, STEPS + 1, 2))
+  assert [r["step"] for r in rows if "eval_loss" in r] == [0, 12, 24]
