@@ -6,7 +6,7 @@ Stages: midtrain (LM loss on medical : math = 2 : 1, see below) then sft
 (doctor turns of MTS-Dialog and ACI-Bench, thinking off), both on the 8192-piece
 SentencePiece tokenizer that m2 trains on the de-identified corpus.
 
-Expected wall time on a 2-core CPU: TODO.
+Expected wall time on a 2-core CPU: a few minutes per stage (not yet timed on a quiet machine).
 
 The data: every record passes the de-identification gate; 2 % of each source
 (by record id) is held out for `eval_loss`; the benchmark test splits in
