@@ -1,0 +1,1 @@
+"""Evaluation: HealthBench (generation + rubric grading) and simulated consultations."""
