@@ -29,13 +29,19 @@ INSTALL_REQUIRES = [
 # Pinned: the CPU wheel of 2.13.0 is what installs here; unpinned pulls CUDA builds.
 TORCH = ["torch==2.13.0"]
 
+# export/: int4 checkpoints in the compressed-tensors pack-quantized layout (checked by
+# the library itself on CPU); torch for transformers parity and assisted generation.
+EXPORT = TORCH + ["compressed-tensors==0.20.0"]
+
 NOTEBOOKS = ["nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0", "matplotlib==3.11.2"]
 
 EXTRAS = {
     "torch": TORCH,
     "notebooks": NOTEBOOKS,
-    # The suite checks HF parity with torch and executes every notebook.
-    "test": TORCH + NOTEBOOKS + ["pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.15"],
+    "export": EXPORT,
+    # The suite checks HF parity with torch, export/ files and executes every notebook.
+    "test": TORCH + NOTEBOOKS + ["compressed-tensors==0.20.0", "pytest==9.2.0",
+                                 "pytest-xdist==3.8.0", "hypothesis==6.170.15"],
 }
 
 setup(

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 FAMILIES = ("qwen2", "qwen3")
 HF_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 # Fields a run may set on top of a checkpoint's architecture.
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "quant")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -50,6 +50,9 @@ class ModelConfig:
   # Memory: what the scanned layer saves for the backward pass.
   remat_policy: str = "none"
   scan_layers: bool = True
+  # Weight-only fake quantization of the linear layers (m2/model/quant.py):
+  # "none", or e.g. "int4" / "int4_asym" / "int8_g64". "none" changes nothing.
+  quant: str = "none"
 
   def __post_init__(self):
     def check(ok, field, msg):
@@ -67,6 +70,11 @@ class ModelConfig:
     check(self.dtype in _DTYPES, "dtype", f"must be one of {tuple(_DTYPES)}")
     check(self.param_dtype in _DTYPES, "param_dtype", f"must be one of {tuple(_DTYPES)}")
     check(self.remat_policy in REMAT_POLICIES, "remat_policy", f"must be one of {REMAT_POLICIES}")
+    from m2.model import quant
+    try:
+      quant.parse(self.quant)
+    except ValueError as err:
+      check(False, "quant", str(err))
 
   @property
   def qkv_bias(self) -> bool:

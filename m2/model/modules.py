@@ -19,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from m2 import parallel
 from m2.model.config import ModelConfig
+from m2.model.quant import maybe_quant
 
 _init = nnx.initializers.normal(stddev=0.02)
 
@@ -79,7 +80,7 @@ class Attention(nnx.Module):
     cfg = self.cfg
     dt = cfg.compute_dtype
     g = cfg.q_per_kv
-    qkv = jnp.einsum("bte,ekgd->btkgd", x, self.qkv[...].astype(dt))
+    qkv = jnp.einsum("bte,ekgd->btkgd", x, maybe_quant(self.qkv[...], 1, cfg.quant).astype(dt))
     if self.qkv_bias is not None:
       qkv = qkv + self.qkv_bias[...].astype(dt)
     qkv = checkpoint_name(qkv, "qkv_proj")  # what remat_policy="qkv_proj" keeps
@@ -110,7 +111,7 @@ class Attention(nnx.Module):
     scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), -1e30)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     attn = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dt))
-    y = jnp.einsum("btkgd,kgde->bte", attn, self.out[...].astype(dt))
+    y = jnp.einsum("btkgd,kgde->bte", attn, maybe_quant(self.out[...], 3, cfg.quant).astype(dt))
     return y, (k, v)
 
 
@@ -124,10 +125,11 @@ class MLP(nnx.Module):
 
   def __call__(self, x):
     dt = self.cfg.compute_dtype
-    h = jnp.einsum("bte,eim->btim", x, self.gate_up[...].astype(dt))
+    quant = self.cfg.quant
+    h = jnp.einsum("bte,eim->btim", x, maybe_quant(self.gate_up[...], 1, quant).astype(dt))
     h = parallel.constrain(h, ("batch", "length", None, "mlp"))
     h = jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
-    return jnp.einsum("btm,me->bte", h, self.down[...].astype(dt))
+    return jnp.einsum("btm,me->bte", h, maybe_quant(self.down[...], 1, quant).astype(dt))
 
 
 class Block(nnx.Module):

@@ -1,0 +1,266 @@
+r"""A small draft model for speculative decoding, distilled from the target.
+
+  python -m export.draft --workdir=runs/tiny --out=exports/tiny-draft --layers=1 --steps=300
+
+1. The target (an m2 run's checkpoint) writes greedy continuations of medical
+   prompts (de-identified MTS-Dialog train documents) with m2's `Sampler`.
+2. A draft with the target's tokenizer, width and head layout but 1-2 layers
+   starts from the target's embeddings, final norm, LM head and first layers,
+   and is trained with m2's train loop on those samples: sequence-level
+   knowledge distillation (Kim & Rush 2016, arXiv 1606.07947), the loss on the
+   target's tokens only.
+3. It is exported like the target (`export.to_hf.write_hf_folder`).
+4. `evaluate` measures, on held-out prompts (MTS-Dialog test1), the mean
+   tokens per speculative round at k draft tokens with m2's
+   `SpeculativeSampler` and the wall-clock speed-up over plain decoding, and
+   the same speed-up for transformers' assisted generation
+   (`generate(..., assistant_model=draft)`) on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftConfig:
+  layers: int = 1
+  prompts: int = 256          # distillation prompts
+  prompt_len: int = 32
+  new_tokens: int = 96        # target tokens per prompt
+  steps: int = 200
+  batch_size: int = 16
+  learning_rate: float = 2e-3
+  seed: int = 0
+
+  def __post_init__(self):
+    for f in ("layers", "prompts", "prompt_len", "new_tokens", "steps", "batch_size"):
+      if not (isinstance(getattr(self, f), int) and getattr(self, f) > 0):
+        raise ValueError(f"DraftConfig.{f}: must be a positive int (got {getattr(self, f)!r})")
+
+
+def draft_config(target_cfg, layers: int):
+  if not 1 <= layers <= target_cfg.num_layers:
+    raise ValueError(f"draft layers must be in [1, {target_cfg.num_layers}] (got {layers})")
+  return target_cfg.replace(num_layers=layers)
+
+
+def init_draft_params(target_params: dict, layers: int) -> dict:
+  """Embeddings, final norm, head and the first `layers` blocks of the target."""
+  import jax
+  out = {k: v for k, v in target_params.items() if k != "blocks"}
+  out["blocks"] = jax.tree.map(lambda a: np.asarray(a)[:layers], target_params["blocks"])
+  return out
+
+
+def medical_prompts(tokenizer, split: str, n: int, length: int, seed: int = 0) -> list[list[int]]:
+  """`n` prompts of `length` tokens: the start of de-identified MTS-Dialog documents."""
+  from export.quantize import medical_texts
+
+  docs = medical_texts(split)
+  rng = np.random.default_rng(seed)
+  prompts = []
+  for i in rng.permutation(len(docs)):
+    ids = tokenizer.encode(docs[i])
+    if len(ids) >= length:
+      prompts.append(ids[:length])
+    if len(prompts) == n:
+      return prompts
+  raise ValueError(f"only {len(prompts)} {split} documents have {length} tokens; {n} needed")
+
+
+def target_samples(model, params, prompts, new_tokens: int, batch: int = 64) -> np.ndarray:
+  """[n, prompt + new] greedy continuations of `prompts` by the target (no stop tokens)."""
+  from m2.sampling.sampler import Sampler, SamplingParams
+
+  sampler = Sampler(model)
+  sp = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+  rows = []
+  for i in range(0, len(prompts), batch):
+    chunk = prompts[i:i + batch]
+    out = sampler.generate(params, chunk, sp)
+    for p, t in zip(chunk, out.token_lists()):
+      rows.append(list(p) + t)
+  width = max(map(len, rows))
+  return np.asarray([r + [0] * (width - len(r)) for r in rows], np.int32), len(prompts[0])
+
+
+def distillation_dataset(samples: np.ndarray, prompt_len: int, batch_size: int, seed: int):
+  """grain batches for `lm_loss`: the loss only on the target's generated tokens."""
+  import grain
+
+  n, width = samples.shape
+  examples = []
+  for row in samples:
+    mask = np.zeros(width - 1, np.int32)
+    mask[prompt_len - 1:] = 1          # targets from the first generated token on
+    examples.append({"inputs": row[:-1], "targets": row[1:],
+                     "positions": np.arange(width - 1, dtype=np.int32),
+                     "segments": np.ones(width - 1, np.int32), "loss_mask": mask})
+  return (grain.MapDataset.source(examples).shuffle(seed=seed).repeat()
+          .batch(batch_size, drop_remainder=True).to_iter_dataset())
+
+
+def m2_model(cfg, params):
+  from flax import nnx
+
+  from m2.model.transformer import Transformer
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(model, state)
+  return model
+
+
+def distill(target_cfg, target_params, tokenizer, workdir: str, cfg: DraftConfig):
+  """Trains the draft in `workdir` (resumable, m2's train loop). Returns (cfg, params, report)."""
+  import jax
+  from flax import nnx
+
+  from m2.model.transformer import Transformer
+  from m2.train.loop import MeshConfig, TrainConfig, train
+  from m2.train.optimizer import OptimizerConfig
+
+  target = m2_model(target_cfg, target_params)
+  prompts = medical_prompts(tokenizer, "train", cfg.prompts, cfg.prompt_len, cfg.seed)
+  start = time.time()
+  samples, prompt_len = target_samples(target, nnx.state(target), prompts, cfg.new_tokens)
+  sample_s = time.time() - start
+  dcfg = draft_config(target_cfg, cfg.layers)
+  init = init_draft_params(target_params, cfg.layers)
+  init_state = nnx.state(nnx.eval_shape(lambda: Transformer(dcfg, rngs=nnx.Rngs(0))), nnx.Param)
+  nnx.replace_by_pure_dict(init_state, jax.tree.map(np.asarray, init))
+  train_cfg = TrainConfig(
+      steps=cfg.steps, batch_size=cfg.batch_size, seq_len=samples.shape[1] - 1,
+      log_every=max(1, cfg.steps // 5), save_every=cfg.steps, keep_checkpoints=1,
+      seed=cfg.seed, optimizer=OptimizerConfig(
+          learning_rate=cfg.learning_rate, warmup_steps=max(1, cfg.steps // 10),
+          decay_steps=max(1, cfg.steps - cfg.steps // 10), weight_decay=0.0))
+  result = train(dcfg, train_cfg, MeshConfig(), distillation_dataset(samples, prompt_len,
+                                                                    cfg.batch_size, cfg.seed),
+                 workdir, init_params=init_state, meta={"stage": "draft"})
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(result.state.params))
+  report = {"samples": int(samples.shape[0]), "sample_s": sample_s,
+            "train_s": result.wall_s, "final": result.final_metrics}
+  return dcfg, params, report
+
+
+def speculative_stats(target_cfg, target_params, draft_cfg, draft_params, prompts,
+                      new_tokens: int, k: int = 4) -> dict:
+  """Mean tokens per round (acceptance length) and wall speed-up with m2's sampler, greedy."""
+  from flax import nnx
+
+  from m2.sampling.sampler import Sampler, SamplingParams
+  from m2.sampling.speculative import ModelDrafter, SpeculativeSampler
+
+  target = m2_model(target_cfg, target_params)
+  draft = m2_model(draft_cfg, draft_params)
+  sp = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+  plain = Sampler(target)
+  spec = SpeculativeSampler(target, ModelDrafter(draft), num_draft_tokens=k)
+  tp, dp = nnx.state(target), nnx.state(draft)
+
+  def timed(fn):
+    fn()                        # compile
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+  rounds, per_prompt = [], []
+  plain_s = spec_s = 0.0
+  same = True
+  for p in prompts:             # batch 1: single-user decoding, as on a 24 GB GPU
+    base, t0 = timed(lambda: plain.generate(tp, [p], sp))
+    out, t1 = timed(lambda: spec.generate(tp, [p], sp, draft_params=dp))
+    same &= out.token_lists() == base.token_lists()
+    plain_s += t0
+    spec_s += t1
+    rounds.append(out.stats["tokens_per_round"])
+  return {"k": k, "tokens_per_round": float(np.mean(rounds)),
+          "speedup": plain_s / spec_s, "plain_s": plain_s, "speculative_s": spec_s,
+          "identical_to_plain_greedy": bool(same), "prompts": len(prompts)}
+
+
+def assisted_generation_stats(target_dir, draft_dir, prompts, new_tokens: int) -> dict:
+  """transformers' assisted generation on CPU: speed-up over plain greedy `generate`."""
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  target = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+  draft = AutoModelForCausalLM.from_pretrained(str(draft_dir), dtype=torch.float32).eval()
+  kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+  plain_s = assisted_s = 0.0
+  same = True
+  with torch.no_grad():
+    for p in prompts:
+      x = torch.as_tensor([p])
+      target.generate(x, max_new_tokens=2, do_sample=False)    # warm up
+      t = time.perf_counter()
+      a = target.generate(x, **kw)
+      plain_s += time.perf_counter() - t
+      t = time.perf_counter()
+      b = target.generate(x, assistant_model=draft, **kw)
+      assisted_s += time.perf_counter() - t
+      same &= torch.equal(a, b)
+  return {"speedup": plain_s / assisted_s, "plain_s": plain_s, "assisted_s": assisted_s,
+          "identical_to_plain_greedy": bool(same), "prompts": len(prompts)}
+
+
+def build_draft(workdir: str, out: str, cfg: DraftConfig, *, stage: str | None = None,
+                train_dir: str | None = None, overwrite: bool = False,
+                eval_prompts: int = 8, eval_tokens: int = 64, k: int = 4) -> dict:
+  """Distils, exports to `out` and evaluates. Returns the report (also out/draft_report.json)."""
+  from export import to_hf
+
+  stage_dir = to_hf.find_stage_dir(workdir, stage)
+  target_cfg, target_params, meta, step = to_hf.read_checkpoint(stage_dir)
+  tokenizer = to_hf.load_run_tokenizer(meta)
+  train_dir = train_dir or os.path.join(os.path.dirname(os.path.abspath(out)),
+                                        f".{os.path.basename(out)}.train")
+  with to_hf.atomic_dir(out, overwrite) as tmp:
+    dcfg, dparams, report = distill(target_cfg, target_params, tokenizer, train_dir, cfg)
+    to_hf.write_hf_folder(dcfg, dparams, tmp, tokenizer)
+    held = medical_prompts(tokenizer, "test1", eval_prompts, cfg.prompt_len, cfg.seed + 1)
+    report["m2_speculative"] = speculative_stats(target_cfg, target_params, dcfg, dparams,
+                                                 held, eval_tokens, k)
+    (tmp / "draft_report.json").write_text(json.dumps(report, indent=2))
+  return report
+
+
+def main(argv=None):
+  import argparse
+
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--stage", default=None)
+  p.add_argument("--layers", type=int, default=1)
+  p.add_argument("--steps", type=int, default=200)
+  p.add_argument("--prompts", type=int, default=256)
+  p.add_argument("--k", type=int, default=4)
+  p.add_argument("--target_hf", default=None,
+                 help="the target's HF export, to also time transformers assisted generation")
+  p.add_argument("--overwrite", action="store_true")
+  a = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO)
+  cfg = DraftConfig(layers=a.layers, steps=a.steps, prompts=a.prompts)
+  report = build_draft(a.workdir, a.out, cfg, stage=a.stage, overwrite=a.overwrite, k=a.k)
+  if a.target_hf:
+    from export import to_hf
+    _, _, meta, _ = to_hf.read_checkpoint(to_hf.find_stage_dir(a.workdir, a.stage))
+    tok = to_hf.load_run_tokenizer(meta)
+    held = medical_prompts(tok, "test1", 8, cfg.prompt_len, cfg.seed + 1)
+    report["transformers_assisted"] = assisted_generation_stats(a.target_hf, a.out, held, 64)
+  print(json.dumps({"bench": "draft", **report}))
+
+
+if __name__ == "__main__":
+  main()

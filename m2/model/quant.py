@@ -1,0 +1,118 @@
+"""Weight-only fake quantization (W4A16 / W8A16) for quantization-aware eval and training.
+
+`ModelConfig.quant` switches it on: "none" (default: weights are used as they
+are, the traced graph is unchanged), or "int{4|8}[_asym][_g{group}]", e.g.
+"int4" (symmetric, group 128), "int4_asym_g64", "int8".
+
+Each linear weight is quantized along its input dimension in groups of
+`group` values, with one scale (and, asymmetric, one zero point) per output
+channel and group: exactly the scheme `export/quantize.py` writes in the
+compressed-tensors `pack-quantized` layout, with the same rounding, so an RTN
+export dequantizes to the weights this forward pass uses, bit for bit, eager
+or under jit. Scales are bfloat16 values, as serving engines keep them. Gradients pass straight through
+(STE), so a model can be fine-tuned quantization-aware.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+
+_SPEC = re.compile(r"^int(?P<bits>4|8)(?P<asym>_asym)?(?:_g(?P<group>\d+))?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantScheme:
+  bits: int = 4
+  symmetric: bool = True
+  group_size: int = 128
+
+  @property
+  def qmin(self) -> int:
+    return -(1 << (self.bits - 1))
+
+  @property
+  def qmax(self) -> int:
+    return (1 << (self.bits - 1)) - 1
+
+
+def parse(spec: str) -> QuantScheme | None:
+  """"none" -> None; "int4", "int8_asym", "int4_g64", ... -> QuantScheme."""
+  if spec == "none":
+    return None
+  m = _SPEC.match(spec)
+  if not m:
+    raise ValueError(f"quant spec {spec!r}: want 'none' or int{{4|8}}[_asym][_g<group>], "
+                     f"e.g. 'int4', 'int4_asym_g64'")
+  group = int(m["group"] or 128)
+  if group <= 0:
+    raise ValueError(f"quant spec {spec!r}: group size must be positive")
+  return QuantScheme(bits=int(m["bits"]), symmetric=not m["asym"], group_size=group)
+
+
+def round_to_bf16(x):
+  """float32 -> the nearest bfloat16 value (ties to even), still as float32.
+
+  Done on the bits: XLA may drop an f32 -> bf16 -> f32 convert pair under jit,
+  which would keep the unrounded value.
+  """
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  bits = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))) & jnp.uint32(0xFFFF0000)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def group_scales(groups, scheme: QuantScheme):
+  """(scale, zero_point) of groups [..., n_groups, group, out] over the `group` axis.
+
+  Symmetric: scale = max|w| / qmax, no zero point. Asymmetric: the range
+  [min(w, 0), max(w, 0)] onto [qmin, qmax] with an integer zero point.
+  Scales are rounded to bfloat16 values (kept as float32) before use; an
+  all-zero group gets scale 1.
+  """
+  f32 = jnp.float32
+  if scheme.symmetric:
+    amax = jnp.max(jnp.abs(groups), axis=-2, keepdims=True).astype(f32)
+    scale = amax / f32(scheme.qmax)
+    zero = None
+  else:
+    wmin = jnp.minimum(jnp.min(groups, axis=-2, keepdims=True), 0).astype(f32)
+    wmax = jnp.maximum(jnp.max(groups, axis=-2, keepdims=True), 0).astype(f32)
+    scale = (wmax - wmin) / f32(scheme.qmax - scheme.qmin)
+  scale = round_to_bf16(scale)
+  scale = jnp.where(scale == 0, jnp.ones_like(scale), scale)
+  if not scheme.symmetric:
+    zero = jnp.clip(jnp.round(-wmin / scale) + scheme.qmin, scheme.qmin, scheme.qmax)
+  return scale, zero
+
+
+def fake_quant(w, in_axes: int, scheme: QuantScheme):
+  """Quantize-dequantize `w`, whose first `in_axes` axes are the input dimension."""
+  shape = w.shape
+  n_in = math.prod(shape[:in_axes])
+  if n_in % scheme.group_size:
+    raise ValueError(f"fake_quant: input dimension {n_in} (weight shape {shape}) is not a "
+                     f"multiple of the group size {scheme.group_size}")
+  f32 = jnp.float32
+  groups = w.reshape(n_in // scheme.group_size, scheme.group_size, -1).astype(f32)
+  s, zero = group_scales(groups, scheme)
+  q = jnp.round(groups / s)
+  if zero is not None:
+    q = q + zero
+  q = jnp.clip(q, scheme.qmin, scheme.qmax)
+  if zero is not None:
+    q = q - zero
+  # (q - zero) * scale rounded to bfloat16, as compressed-tensors dequantizes
+  # with bf16 scales (the float32 product of these small operands is exact).
+  deq = round_to_bf16(q * s).astype(w.dtype).reshape(shape)
+  # Straight-through gradient; the value is exactly deq (w - stop_gradient(w) is 0).
+  return w - jax.lax.stop_gradient(w) + jax.lax.stop_gradient(deq)
+
+
+def maybe_quant(w, in_axes: int, spec: str):
+  """`w` unchanged when `spec` is "none", else its fake-quantized value."""
+  scheme = parse(spec)
+  return w if scheme is None else fake_quant(w, in_axes, scheme)

@@ -1,0 +1,117 @@
+"""export.bundle / draft / serve_local: one command -> int4 target + draft + serve.sh + budget."""
+
+import json
+import os
+import urllib.request
+
+import pytest
+
+from export import bundle as B
+
+
+@pytest.fixture(scope="module")
+def bundled(trained_run, tmp_path_factory):
+  from export.draft import DraftConfig
+  from export.quantize import QuantConfig, medical_texts
+  out = tmp_path_factory.mktemp("bundle") / "tiny"
+  B.bundle(trained_run, str(out),
+           quant=QuantConfig(method="gptq", calib_samples=16, calib_seq_len=128),
+           draft_cfg=DraftConfig(layers=1, prompts=32, prompt_len=32, new_tokens=48, steps=40,
+                                 batch_size=16),
+           calib_texts=medical_texts("train", limit=300), draft_eval_prompts=2)
+  return out
+
+
+def test_bundle_folder(bundled):
+  names = set(os.listdir(bundled))
+  assert {"target", "draft", "tokenizer.json", "tokenizer_config.json", "serve.sh",
+          "README.md", "budget.json"} <= names
+  assert not [n for n in names if n.startswith(".")]
+  target = json.loads((bundled / "target" / "config.json").read_text())
+  assert target["quantization_config"]["format"] == "pack-quantized"
+  draft = json.loads((bundled / "draft" / "config.json").read_text())
+  assert draft["num_hidden_layers"] == 1 and draft["vocab_size"] == target["vocab_size"]
+  script = (bundled / "serve.sh").read_text()
+  assert os.access(bundled / "serve.sh", os.X_OK)
+  for needle in ("vllm serve", "--quantization compressed-tensors", "--kv-cache-dtype fp8",
+                 "--speculative-config", "sglang.launch_server", "--speculative-draft-model-path",
+                 "--max-model-len", "--context-length"):
+    assert needle in script, needle
+  budget = json.loads((bundled / "budget.json").read_text())
+  # The budget's weight bytes are the bytes the quantizer wrote.
+  check = budget["file_check"]
+  assert check["relative_error"] < 0.02, check
+  assert check["file_bytes"] > check["tensor_bytes"]
+  readme = (bundled / "README.md").read_text()
+  assert "Qwen2.5-32B" in readme and "Largest context" in readme
+
+
+def test_draft_is_exact_and_accepted(bundled):
+  report = json.loads((bundled / "budget.json").read_text())["draft_report"]
+  spec = report["m2_speculative"]
+  assert spec["identical_to_plain_greedy"]       # speculative decoding changes no token
+  assert spec["k"] == 4 and 1.0 <= spec["tokens_per_round"] <= 5.0
+  # Distillation fit the target's samples: far below the byte vocabulary's ln(259).
+  assert report["final"]["loss"] < 2.0
+
+
+def test_qwen2_5_32b_fits_one_24gb_gpu():
+  hf = B.qwen_32b_config()
+  plan = B.ServePlan(context=16384, batch=1, kv_cache_dtype="fp8")
+  b = B.memory_budget(hf, plan, {**hf, "num_hidden_layers": 1})
+  # Baichuan-M2-32B-GPTQ-Int4 is about 19.5 GB on disk.
+  assert 18.5e9 < b["weights"] < 20.0e9
+  assert b["fits"] and b["total"] <= b["usable"] <= 24 * B.GiB
+  assert 16384 <= b["max_context"] < 65536
+  at_max = B.memory_budget(hf, B.ServePlan(context=b["max_context"]), {**hf,
+                                                                       "num_hidden_layers": 1})
+  over = B.memory_budget(hf, B.ServePlan(context=b["max_context"] + 256),
+                         {**hf, "num_hidden_layers": 1})
+  assert at_max["fits"] and not over["fits"]
+  # bf16 KV halves the context that fits.
+  bf16 = B.memory_budget(hf, B.ServePlan(kv_cache_dtype="bf16"), {**hf, "num_hidden_layers": 1})
+  assert abs(bf16["max_context"] * 2 - b["max_context"]) <= 2
+  assert "Fits: yes" in B.format_budget("32B", b)
+
+
+def test_serve_local_streams_an_openai_chat_reply(bundled):
+  import torch
+
+  from export import serve_local
+  engine = serve_local.ChatEngine(bundled / "target", bundled / "draft")
+  server = serve_local.serve(engine, "127.0.0.1", 0)
+  url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
+  messages = [{"role": "user", "content": "Doctor: Any fever or chills?"}]
+  try:
+    def post(body):
+      req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                   headers={"Content-Type": "application/json"})
+      return urllib.request.urlopen(req, timeout=120)
+
+    with post({"messages": messages, "max_tokens": 16, "stream": True}) as r:
+      assert r.headers["Content-Type"] == "text/event-stream"
+      events = [e[len("data: "):] for e in r.read().decode().split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert len(chunks) > 3 and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    with post({"messages": messages, "max_tokens": 16}) as r:
+      reply = json.loads(r.read())
+    assert reply["choices"][0]["message"]["content"] == streamed
+    assert reply["usage"]["completion_tokens"] == 16 or reply["choices"][0][
+        "finish_reason"] == "stop"
+    # The same greedy text the target makes without the server or the draft.
+    ids = engine.prompt_ids(messages)
+    with torch.no_grad():
+      plain = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                                    do_sample=False)
+    assert streamed == engine.tokenizer.decode(plain[0, ids.shape[1]:], skip_special_tokens=True)
+    try:
+      post({"messages": "hi"})
+      raise AssertionError("a malformed request was accepted")
+    except urllib.error.HTTPError as err:
+      assert err.code == 400 and "messages" in json.loads(err.read())["error"]["message"]
+  finally:
+    server.shutdown()

@@ -1,0 +1,147 @@
+"""export.to_hf: orbax run -> transformers folder; logits parity on a padded batch."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from export import to_hf
+from export_helpers import TEXTS, m2_model, padded_batch
+
+
+def test_folder_loads_offline_with_tokenizer_and_chat_template(exported):
+  from transformers import AutoTokenizer
+
+  from m2.data.chat import ChatFormat
+  from m2.data.tokenizers import ByteTokenizer
+
+  names = sorted(os.listdir(exported))
+  assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+          "tokenizer_config.json"} <= set(names)
+  assert not [n for n in os.listdir(exported.parent) if n.startswith(".model.tmp")]
+  config = json.loads((exported / "config.json").read_text())
+  assert config["architectures"] == ["Qwen2ForCausalLM"] and config["num_hidden_layers"] == 2
+  generation = json.loads((exported / "generation_config.json").read_text())
+  assert generation["eos_token_id"] == [2] and generation["pad_token_id"] == 0
+  tok = AutoTokenizer.from_pretrained(str(exported), local_files_only=True)
+  ours = ByteTokenizer()
+  for text in TEXTS + ["ünïcode 肺炎 ✓"]:
+    assert tok(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    assert tok.decode(ours.encode(text)) == text
+  chat = [{"role": "user", "content": "I have a cough."}]
+  rendered = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+  assert rendered == ChatFormat(ours).render(chat, add_generation_prompt=True)
+
+
+def test_logits_match_m2_on_a_padded_batch(trained_run, exported):
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  from m2.data.tokenizers import ByteTokenizer
+
+  cfg, params, meta, step = to_hf.read_checkpoint(to_hf.find_stage_dir(trained_run))
+  assert step == 60 and meta["stage"] == "midtrain"
+  tokens, positions, segments = padded_batch(ByteTokenizer(), TEXTS)
+  ours, _ = m2_model(cfg, params)(tokens, positions, segments)
+  model = AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32).eval()
+  with torch.no_grad():
+    theirs = model(input_ids=torch.as_tensor(tokens, dtype=torch.long),
+                   attention_mask=torch.as_tensor(segments),
+                   position_ids=torch.as_tensor(positions, dtype=torch.long)).logits.numpy()
+  real = segments.astype(bool)
+  np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=1e-4, rtol=0)
+  # The model was trained: a random init would not predict these bytes this well.
+  assert np.mean(np.argmax(theirs[real][:-1], -1) == tokens[real][1:]) > 0.1
+
+
+def test_sharded_export_roundtrips_through_m2(trained_run, tmp_path):
+  from m2.model import hf
+  out = tmp_path / "sharded"
+  to_hf.export(trained_run, str(out), max_shard_bytes=200_000)
+  index = json.loads((out / hf.INDEX_FILE).read_text())
+  files = sorted(set(index["weight_map"].values()))
+  assert len(files) > 2 and files[0].startswith("model-00001-of-")
+  cfg, params, _, _ = to_hf.read_checkpoint(to_hf.find_stage_dir(trained_run))
+  _, state = hf.load_hf_checkpoint(out)
+  from flax import nnx
+  loaded = nnx.to_pure_dict(state)
+  np.testing.assert_array_equal(np.asarray(loaded["blocks"]["attn"]["qkv"]),
+                                params["blocks"]["attn"]["qkv"])
+
+
+def test_bad_inputs_get_clear_errors_and_leave_nothing(trained_run, tmp_path, monkeypatch):
+  out = tmp_path / "busy"
+  out.mkdir()
+  (out / "keep.txt").write_text("mine")
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    to_hf.export(trained_run, str(out))
+  assert os.listdir(out) == ["keep.txt"]
+  with pytest.raises(FileNotFoundError, match="no stage with checkpoints"):
+    to_hf.export(str(tmp_path), str(tmp_path / "x"))
+  with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    to_hf.export(trained_run, str(tmp_path / "y"), tokenizer=str(tmp_path))
+  assert not (tmp_path / "y").exists()
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+  # An unknown family in the checkpoint is named.
+  stage = to_hf.find_stage_dir(trained_run)
+  meta_file = next(stage.glob("checkpoints/*/meta/metadata"))
+  saved = meta_file.read_text()
+  try:
+    meta_file.write_text(saved.replace('"family": "qwen2"', '"family": "llama"'))
+    with pytest.raises(ValueError, match="unknown model family 'llama'"):
+      to_hf.export(trained_run, str(tmp_path / "z"))
+  finally:
+    meta_file.write_text(saved)
+  assert not (tmp_path / "z").exists()
+  # A failure half-way through writing leaves no folder and no temp dir.
+  from m2.model import hf
+  real = hf.save_hf_checkpoint
+
+  def fail_after_writing(cfg, params, folder, **kw):
+    real(cfg, params, folder, **kw)
+    raise OSError("disk full")
+
+  monkeypatch.setattr(hf, "save_hf_checkpoint", fail_after_writing)
+  with pytest.raises(OSError, match="disk full"):
+    to_hf.export(trained_run, str(tmp_path / "w"))
+  monkeypatch.undo()
+  assert not (tmp_path / "w").exists()
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+  # --overwrite replaces the folder's files.
+  to_hf.export(trained_run, str(out), overwrite=True)
+  assert "keep.txt" not in os.listdir(out) and (out / "config.json").is_file()
+
+
+def test_sentencepiece_tokenizer_exports_with_identical_ids(tmp_path):
+  from transformers import AutoTokenizer
+
+  from m2.data import tokenizers
+  from export.quantize import medical_texts
+  docs = medical_texts("train", limit=300)
+  sp = tokenizers.train_sentencepiece(docs, str(tmp_path / "sp.model"), vocab_size=600)
+  to_hf.write_tokenizer(sp, tmp_path / "tok")
+  tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"), local_files_only=True)
+  held = medical_texts("test1", limit=40) + ["  two  spaces, digits 12345 and <|im_end|> ✓"]
+  mismatched = [t for t in held if tok(t, add_special_tokens=False)["input_ids"] != sp.encode(t)]
+  assert not mismatched, mismatched[:1]
+  assert all(tok.decode(sp.encode(t)) == t for t in held)
+
+
+def test_export_stage_of_m2_main(trained_run):
+  import ml_collections
+
+  from conftest import tiny_export_config
+  from m2 import main
+  c = tiny_export_config(os.path.join(os.path.dirname(trained_run), "cache"))
+  c.stages = ("midtrain", "export")
+  c.export = ml_collections.ConfigDict(dict(dtype="", quantize="rtn", calib_samples=16,
+                                            calib_seq_len=128))
+  results = main.run(c, trained_run)
+  assert [(r.name, r.status) for r in results] == [("midtrain", "skipped"), ("export", "ran")]
+  stage = os.path.join(trained_run, "export")
+  assert sorted(os.listdir(stage)) == ["DONE", "hf", "int4"]
+  int4 = json.loads(open(os.path.join(stage, "int4", "config.json")).read())
+  assert int4["quantization_config"]["format"] == "pack-quantized"
+  assert results[1].metric == "weight_bytes" and results[1].value == os.path.getsize(
+      os.path.join(stage, "int4", "model.safetensors"))
