@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "tqdm==4.70.1",
     "tensorboardX==2.6.5",
+    "matplotlib==3.11.2",      # m2.tools.plot
 ]
 
 # PyTorch only for HF parity checks, benchmarks against transformers and export.
@@ -33,15 +34,14 @@ TORCH = ["torch==2.13.0"]
 # the library itself on CPU); torch for transformers parity and assisted generation.
 EXPORT = TORCH + ["compressed-tensors==0.20.0"]
 
-NOTEBOOKS = ["nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0", "matplotlib==3.11.2"]
+NOTEBOOKS = ["nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"]
 
 EXTRAS = {
     "torch": TORCH,
     "notebooks": NOTEBOOKS,
     "export": EXPORT,
     # The suite checks HF parity with torch, export/ files and executes every notebook.
-    "test": TORCH + NOTEBOOKS + ["compressed-tensors==0.20.0", "pytest==9.2.0",
-                                 "pytest-xdist==3.8.0", "hypothesis==6.170.15"],
+    "test": EXPORT + NOTEBOOKS + ["pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.15"],
 }
 
 setup(

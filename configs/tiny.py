@@ -4,7 +4,11 @@ r"""Tiny end-to-end pipeline on CPU: a 4-layer Qwen2 (d 256) on the shipped data
 
 Stages: midtrain (LM loss on medical : math = 2 : 1, see below) then sft
 (doctor turns of MTS-Dialog and ACI-Bench, thinking off), both on the 8192-piece
-SentencePiece tokenizer that m2 trains on the de-identified corpus.
+SentencePiece tokenizer that m2 trains on the de-identified corpus; then the
+RL side (m2/rl/stages.py): sft_rs (rejection-sampling SFT on verifiable QA),
+rl_rule (GRPO, exact-match rewards), rl_rubric (GRPO, one doctor reply graded on
+the case's rubric) and rl_multiturn (GRPO, whole consultations with the patient
+simulator), all with the reference verifier backends.
 
 Expected wall time on a 2-core CPU: a few minutes per stage (not yet timed on a quiet machine).
 
@@ -29,7 +33,8 @@ TEST_SPLITS = ("pubmedqa:test", "mts_dialog:test1", "mts_dialog:test2", "aci_ben
 
 def get_config():
   c = ml_collections.ConfigDict()
-  c.stages = ("midtrain", "sft")
+  c.stages = ("midtrain", "sft", "sft_rs", "rl_rule", "rl_rubric", "rl_multiturn", "eval",
+              "export")
 
   c.model = ml_collections.ConfigDict(dict(
       preset="tiny",        # see m2/model/config.py PRESETS
@@ -58,9 +63,9 @@ def get_config():
           general=(),       # none shipped; e.g. ("wiki=/data/wiki/*.jsonl",)
           math=("math",)),
       mix_batches=256,
-      train=dict(steps=240, batch_size=8, seq_len=256, log_every=10, save_every=60,
+      train=dict(steps=160, batch_size=8, seq_len=256, log_every=10, save_every=40,
                  eval_every=40, eval_batches=8, keep_checkpoints=2, seed=0,
-                 optimizer=dict(learning_rate=2e-3, warmup_steps=20, decay_steps=220,
+                 optimizer=dict(learning_rate=2e-3, warmup_steps=16, decay_steps=144,
                                 end_lr_ratio=0.1, weight_decay=0.1, grad_clip_norm=1.0)),
   ))
 
@@ -68,9 +73,52 @@ def get_config():
       sources=("mts_dialog", "aci_bench"),
       thinking_mode="off",  # no reasoning traces in these dialogues
       system="", pack=True,
-      train=dict(steps=80, batch_size=8, seq_len=256, log_every=10, save_every=40,
+      train=dict(steps=60, batch_size=8, seq_len=256, log_every=10, save_every=30,
                  eval_every=20, eval_batches=4, keep_checkpoints=2, seed=0,
-                 optimizer=dict(learning_rate=5e-4, warmup_steps=8, decay_steps=72,
+                 optimizer=dict(learning_rate=5e-4, warmup_steps=6, decay_steps=54,
                                 end_lr_ratio=0.1, weight_decay=0.1, grad_clip_norm=1.0)),
   ))
+  # HealthBench (eval only) + consultations on held-out cases, before and after RL
+  # (m2/eval/stage.py); "before" is the last stage before the first rl_* stage.
+  c.eval = ml_collections.ConfigDict(dict(
+      before="auto", healthbench=True, healthbench_subsets=("oss_eval",), healthbench_limit=32,
+      consult=True, consult_sources=("agentclinic", "mediq"), consult_limit=8, max_turns=6,
+      max_new_tokens=128, doctor_max_new_tokens=64, max_prompt_tokens=1024, batch_size=16,
+      grader="reference", grader_checkpoint="", simulator="reference",
+      simulator_checkpoint=""))
+
+  # Rejection-sampling SFT and the three GRPO stages (m2/rl/stages.py). Budgets are
+  # small: each RL step samples train.batch_size prompts x grpo.group_size responses.
+  rl_optimizer = dict(learning_rate=2e-5, warmup_steps=0, decay_steps=0, end_lr_ratio=1.0,
+                      weight_decay=0.0, grad_clip_norm=1.0, b2=0.99)
+  c.sft_rs = ml_collections.ConfigDict(dict(
+      sources=("mediq_qa", "math"), samples_per_prompt=8, keep_threshold=1.0,
+      max_keep_per_prompt=2, max_prompt_len=192, max_new_tokens=24, temperature=1.0,
+      thinking_mode="off", system="",
+      reward=dict(weights=dict(correct=1.0, format=0.2, safety=0.5)),
+      train=dict(steps=10, batch_size=8, seq_len=256, log_every=1, save_every=10,
+                 keep_checkpoints=1, seed=0, optimizer=dict(rl_optimizer, learning_rate=1e-4))))
+  c.rl_rule = ml_collections.ConfigDict(dict(
+      sources=("mediq_qa", "math"), max_prompt_len=192, max_new_tokens=24, temperature=1.0,
+      top_p=1.0, thinking_mode="off", system="",
+      grpo=dict(group_size=8, epsilon=0.2, epsilon_high=0.28, loss_agg_mode="token-mean",
+                norm_adv_by_std=False, beta=0.0, tis_cap=2.0, dynamic_sampling=True,
+                max_refill_rounds=1, num_minibatches=1, overlong_buffer=8,
+                overlong_penalty=0.5, length_reward=dict(coef=0.1)),
+      reward=dict(weights=dict(correct=1.0, format=0.5, safety=0.5)),
+      train=dict(steps=30, batch_size=4, seq_len=224, log_every=1, save_every=10,
+                 keep_checkpoints=1, seed=0, optimizer=dict(rl_optimizer, learning_rate=2e-4))))
+  c.rl_rubric = ml_collections.ConfigDict(dict(c.rl_rule.to_dict(),
+      sources=("agentclinic",), max_new_tokens=32, case_limit=64,
+      reward=dict(weights=dict(rubric=1.0, format=0.2, safety=0.5))))
+  c.rl_rubric.train.update(steps=20)
+  c.rl_multiturn = ml_collections.ConfigDict(dict(c.rl_rubric.to_dict(), max_turns=3))
+  c.rl_multiturn.train.update(steps=20, seq_len=384)
+  # HF safetensors + GPTQ int4 of the final weights (export/stage.py).
+  c.export = ml_collections.ConfigDict(dict(dtype="bfloat16", quantize="gptq",
+                                            calib_samples=64, calib_seq_len=256))
+  # Verifier roles (m2/verifier/config.py VerifierConfig): "reference" needs no model.
+  c.verifier = ml_collections.ConfigDict(dict(
+      simulator="reference", rubric_generator="reference", grader="reference", max_turns=12,
+      fact_retries=2, grader_retries=2, persona_seed=0, judge_threshold=0.6))
   return c

@@ -28,7 +28,9 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from m2 import configlib
+from m2.eval import stage as eval_stage
 from m2.model.config import model_config_from
+from m2.rl import stages as rl_stages
 from m2.train.loop import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -241,6 +243,19 @@ def _headline(result):
 
 
 STAGES: dict[str, Callable] = {"midtrain": run_midtrain, "sft": run_sft}
+STAGES["eval"] = eval_stage.run_eval   # HealthBench + consultations, before/after RL
+STAGES.update(rl_stages.STAGES)        # sft_rs, rl_rule, rl_rubric, rl_multiturn (m2/rl/stages.py)
+
+
+def run_export(config, workdir, model_cfg, mesh_cfg, init_params):
+  """HF safetensors (+ int4 with config.export.quantize) of the previous stage's weights.
+  `export/` sits above the library; it is imported only when this stage runs."""
+  from export.stage import run_export_stage
+  return run_export_stage(config, workdir, model_cfg, init_params)
+
+
+run_export.passes_params_through = True
+STAGES["export"] = run_export
 
 
 def run(config, workdir: str, stages: list[str] | None = None) -> list[StageResult]:
@@ -256,22 +271,28 @@ def run(config, workdir: str, stages: list[str] | None = None) -> list[StageResu
   model_cfg = model_config_from(config.model)
   mesh_cfg = configlib.build(MeshConfig, config.mesh, "config.mesh")
   params = _initial_params(config, model_cfg, mesh_cfg)
-  results = []
+  results, finished = [], None
   for name in config.stages:
-    if name not in selected:
-      continue
     stage_dir = os.path.join(workdir, name)
     done_file = os.path.join(stage_dir, "DONE")
     start = time.time()
     if os.path.exists(done_file):
-      with open(done_file) as f:
-        done = json.load(f)
-      results.append(StageResult(name, "skipped", 0.0, done["metric"], done["value"]))
-      if any(s in selected for s in config.stages[config.stages.index(name) + 1:]):
-        params = restore_params(stage_dir, model_cfg, configlib.build(
-            TrainConfig, config[name].train, f"config.{name}.train"), mesh_cfg)
-      log.info("stage %s already complete; skipping", name)
+      if name in selected:
+        with open(done_file) as f:
+          done = json.load(f)
+        results.append(StageResult(name, "skipped", 0.0, done["metric"], done["value"]))
+        log.info("stage %s already complete; skipping", name)
+      # A finished stage hands its weights to the next stage that runs (also under
+      # --stages=); stages that do not train (eval, export) pass them through.
+      if not getattr(STAGES[name], "passes_params_through", False):
+        finished = name
       continue
+    if name not in selected:
+      continue
+    if finished is not None:
+      params = restore_params(os.path.join(workdir, finished), model_cfg, configlib.build(
+          TrainConfig, config[finished].train, f"config.{finished}.train"), mesh_cfg)
+      finished = None
     result, metric, value = STAGES[name](config, stage_dir, model_cfg, mesh_cfg, params)
     params = result.state.params
     status = "resumed" if result.resumed_from is not None else "ran"
@@ -306,6 +327,12 @@ def main(argv):
   results = run(_CONFIG.value, _WORKDIR.value, _STAGES.value)
   print()
   print(summary_table(results))
+  table = eval_stage.comparison_table(_WORKDIR.value)
+  if table:
+    print("\neval scores before / after RL:\n" + table)
+  bundle = os.path.join(_WORKDIR.value, "export")
+  if any(r.name == "export" for r in results) and os.path.isdir(bundle):
+    print(f"\nexported bundle: {os.path.abspath(bundle)}")
 
 
 if __name__ == "__main__":

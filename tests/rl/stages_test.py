@@ -1,0 +1,96 @@
+"""The RL stages end to end through m2.main on a tiny model: run, resume, hand on."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+
+from m2 import main
+from m2.rl import stages
+from m2.train.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def tiny_rl_config(tokenizer_file, cache):
+  spec = importlib.util.spec_from_file_location("tiny", os.path.join(REPO, "configs/tiny.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.stages = ("sft_rs", "rl_rule", "rl_multiturn")
+  c.model.update(preset="", vocab_size=384, num_layers=1, embed_dim=32, num_heads=2,
+                 num_kv_heads=1, head_dim=16, mlp_dim=64)
+  c.data.update(tokenizer=tokenizer_file, cache_dir=cache, math_items=200)
+  c.sft_rs.update(sources=("math",), samples_per_prompt=2, max_keep_per_prompt=1,
+                  max_new_tokens=6, keep_threshold=0.0)
+  c.sft_rs.train.update(steps=1, batch_size=4, seq_len=96, save_every=1)
+  c.rl_rule.update(sources=("math",), max_new_tokens=6)
+  c.rl_rule.grpo.update(group_size=2, overlong_buffer=2, max_refill_rounds=0)
+  c.rl_rule.train.update(steps=2, batch_size=4, seq_len=96, save_every=1)
+  c.rl_multiturn.update(max_new_tokens=6, max_turns=2, case_limit=4)
+  c.rl_multiturn.grpo.update(group_size=2, overlong_buffer=2, max_refill_rounds=0)
+  c.rl_multiturn.train.update(steps=1, batch_size=4, seq_len=256, save_every=1)
+  return c
+
+
+def test_rl_stages_run_resume_and_hand_on_params(tmp_path, sp_tokenizer, monkeypatch):
+  c = tiny_rl_config(sp_tokenizer.model_file, str(tmp_path / "cache"))
+  work = tmp_path / "run"
+  starts = {}
+  real = stages.GRPOLearner.__init__
+
+  def spy(self, model_cfg, cfg, opt, mesh, rules=(), *, init_params=None, seed=0, state=None):
+    starts[len(starts)] = (init_params, state)
+    real(self, model_cfg, cfg, opt, mesh, rules, init_params=init_params, seed=seed, state=state)
+
+  monkeypatch.setattr(stages.GRPOLearner, "__init__", spy)
+  # An interrupted rl_rule: one of its two steps is checkpointed, then the run dies.
+  c.rl_rule.train.steps = 1
+  first = main.run(c, str(work), ["sft_rs", "rl_rule"])
+  assert [(r.name, r.status) for r in first] == [("sft_rs", "ran"), ("rl_rule", "ran")]
+  os.remove(work / "rl_rule" / "DONE")
+  c.rl_rule.train.steps = 2
+  results = main.run(c, str(work))
+  assert [(r.name, r.status) for r in results] == [
+      ("sft_rs", "skipped"), ("rl_rule", "resumed"), ("rl_multiturn", "ran")]
+  # rl_rule resumed from its checkpoint, not from sft_rs's weights again
+  assert starts[2][1] is not None
+  # rl_multiturn started from the weights rl_rule ended with
+  handed = starts[3][0]
+  import jax
+  for a, b in zip(jax.tree.leaves(jax.device_get(handed)),
+                  jax.tree.leaves(jax.device_get(results[1].params))):
+    np.testing.assert_array_equal(a, b)
+
+  rows = read_metrics(str(work / "rl_rule"))
+  assert [r["step"] for r in rows] == [1, 2]
+  for r in rows:
+    assert {"reward_mean", "reward/correct", "reward/format", "rollout/samples",
+            "rollout/truncated", "rollout/groups_dropped"} <= set(r)
+  trained = [r for r in rows if "pg_loss" in r]
+  for r in trained:
+    assert {"entropy", "clip_frac_low", "clip_frac_high", "ratio_mean", "kl_old",
+            "kl_sampler", "tis_weight_mean", "grad_norm"} <= set(r)
+  assert (work / "rl_rule" / "tb").is_dir()
+  trend = json.loads((work / "rl_rule" / "reward_trend.json").read_text())
+  assert trend["steps"] == 2
+
+  multi = read_metrics(str(work / "rl_multiturn"))
+  assert len(multi) == 1
+  m = multi[0]
+  assert m["rollout/episodes"] == 8 and m["rollout/doctor_turns"] >= 8
+  assert m["rollout/judge_failures"] == 0
+  assert sum(m.get(f"rollout/ended_{k}", 0)
+             for k in ("gate", "turn_limit", "length", "empty_turn")) == 8
+  sft = read_metrics(str(work / "sft_rs"))
+  # threshold 0 passes every sample; at most one of the two per prompt is kept
+  assert sft[0]["kept"] == 4 and sft[0]["keep_rate"] == 0.5
+  assert "loss" in sft[0]
+
+
+def test_reward_trend():
+  t = stages.reward_trend([0.0] * 10 + [1.0] * 10)
+  assert t["gain"] == 1.0 and t["gain_over_2std"] is (1.0 > 2 * t["step_to_step_std"])
+  flat = stages.reward_trend([0.5, 0.4] * 10)
+  assert flat["gain"] == 0.0 and not flat["gain_over_2std"]
