@@ -56,7 +56,7 @@ def test_print_mode_checks_keys_and_writes_one_command_per_point(tmp_path, capsy
     sweep.main([f"--config={CONFIG}", f"--workdir={tmp_path}", "--grid=model.nope=1,2"])
   with pytest.raises(ValueError, match="not in config.stages"):
     sweep.main([f"--config={CONFIG}", f"--workdir={tmp_path}", "--grid=sft.pack=true,false",
-                "--stages=rl_rule"])
+                "--stages=no_such_stage"])
   capsys.readouterr()
   assert sweep.main([f"--config={CONFIG}", f"--workdir={tmp_path}", "--mode=print",
                      "--stages=midtrain", "--set=midtrain.train.steps=5",

@@ -357,7 +357,8 @@ def run_grpo(config, workdir, model_cfg, mesh_cfg, init_params, name: str,
     log.warning("%s starts from random weights: no earlier stage ran and no hf_checkpoint", name)
   learner = GRPOLearner(model_cfg, gcfg, tcfg.optimizer, mesh, rules, init_params=init_params,
                         seed=tcfg.seed, state=state)
-  rows = _round_up(tcfg.batch_size * gcfg.group_size, learner.data_shards)
+  rows = _round_up(tcfg.batch_size * gcfg.group_size,
+                   learner.data_shards * learner.cfg.num_minibatches)  # whole minibatches
   writer = MetricsWriter(workdir, resume_step=resumed_from or 0)
   step = learner.step
   first = step

@@ -5,31 +5,11 @@ heads x head_dim 128, mlp 256) so int4 group-128 quantization applies to
 every linear layer.
 """
 
-import importlib.util
 import os
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def tiny_export_config(cache: str, steps: int = 60):
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(REPO, "configs/tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.stages = ("midtrain",)
-  c.model.update(preset="", vocab_size=320, num_layers=2, embed_dim=128, num_heads=2,
-                 num_kv_heads=1, head_dim=64, mlp_dim=256)
-  c.data.update(tokenizer="byte", cache_dir=cache, math_items=200)
-  c.midtrain.domains.medical = ("mts_dialog",)
-  c.midtrain.mix = dict(medical=1.0, general=0.0, math=0.0)
-  c.midtrain.domains.math = ()
-  c.midtrain.mix_batches = 0
-  c.midtrain.train.update(steps=steps, batch_size=8, seq_len=128, log_every=20,
-                          save_every=steps, eval_every=0, keep_checkpoints=1)
-  c.midtrain.train.optimizer.update(learning_rate=3e-3, warmup_steps=5, decay_steps=steps - 5)
-  return c
+from export_helpers import tiny_export_config
 
 
 def train_tiny_run(workdir: str, cache: str, steps: int = 60) -> str:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from export import to_hf
-from export_helpers import TEXTS, m2_model, padded_batch
+from export_helpers import TEXTS, m2_model, padded_batch, tiny_export_config
 
 
 def test_folder_loads_offline_with_tokenizer_and_chat_template(exported):
@@ -131,7 +131,6 @@ def test_sentencepiece_tokenizer_exports_with_identical_ids(tmp_path):
 def test_export_stage_of_m2_main(trained_run):
   import ml_collections
 
-  from conftest import tiny_export_config
   from m2 import main
   c = tiny_export_config(os.path.join(os.path.dirname(trained_run), "cache"))
   c.stages = ("midtrain", "export")
