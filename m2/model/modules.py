@@ -89,11 +89,9 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q = rope(q, positions, cfg.rope_theta)  # [B, T, K, G, D]
     k = rope(k, positions, cfg.rope_theta)  # [B, T, K, D]
-    q = parallel.constrain(q, ("batch", "length", "kv_heads", "heads", "head_dim"))
-
-    t = x.shape[1]
     k = k.transpose(0, 2, 1, 3)  # [B, K, T, D]
     v = v.transpose(0, 2, 1, 3)
+    t = x.shape[1]
     if kv_cache is None:
       q_slots = jnp.arange(t)
       k_slots, k_segments = q_slots, q_segments
@@ -104,15 +102,48 @@ class Attention(nnx.Module):
       q_slots = cache_index + jnp.arange(t)
       k_slots, k_segments = jnp.arange(k.shape[2]), cache_segments
 
-    mask = ((q_slots[:, None] >= k_slots[None, :])[None]
-            & (q_segments[:, :, None] == k_segments[:, None, :])
-            & (k_segments[:, None, :] != 0))  # [B, T, S]
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(dt)) * (cfg.head_dim ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), -1e30)
+    visible = ((q_slots[:, None] >= k_slots[None, :])[None]
+               & (q_segments[:, :, None] == k_segments[:, None, :])
+               & (k_segments[:, None, :] != 0))  # [B, T, S]
+    # Query heads grouped per kv head, [B, K, G, T, D]: scores and probs @ V are
+    # plain batched matmuls over (B, K), with no relayout of K or V.
+    q = q.transpose(0, 2, 3, 1, 4) * jnp.asarray(cfg.head_dim ** -0.5, dt)
+    q = parallel.constrain(q, ("batch", "kv_heads", "heads", "length", "head_dim"))
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32)
+    scores = scores + jnp.where(visible, 0.0, -1e30)[:, None, None]
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    attn = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(dt))
-    y = jnp.einsum("btkgd,kgde->bte", attn, maybe_quant(self.out[...], 3, cfg.quant).astype(dt))
+    attn = jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(dt))
+    # Output projection as one matmul over (K, G, D) = all query heads.
+    b = x.shape[0]
+    attn = attn.transpose(0, 3, 1, 2, 4).reshape(b * t, -1)
+    w_out = maybe_quant(self.out[...], 3, cfg.quant).astype(dt)
+    y = (attn @ w_out.reshape(-1, w_out.shape[-1])).reshape(b, t, -1)
     return y, (k, v)
+
+
+@jax.custom_vjp
+def swiglu(h):
+  """silu(h[..., 0, :]) * h[..., 1, :] for h [..., 2, M].
+
+  Autodiff of the two slices makes XLA pad both gradients to [..., 2, M] and
+  add them; this VJP writes the stacked gradient in one elementwise pass.
+  """
+  return jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
+
+
+def _swiglu_fwd(h):
+  return swiglu(h), h
+
+
+def _swiglu_bwd(h, dy):
+  gate, up = h[..., 0, :], h[..., 1, :]
+  sig = jax.nn.sigmoid(gate)
+  d_gate = dy * up * sig * (1 + gate * (1 - sig))
+  d_up = dy * gate * sig
+  return (jnp.stack([d_gate, d_up], axis=-2),)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class MLP(nnx.Module):
@@ -128,7 +159,7 @@ class MLP(nnx.Module):
     quant = self.cfg.quant
     h = jnp.einsum("bte,eim->btim", x, maybe_quant(self.gate_up[...], 1, quant).astype(dt))
     h = parallel.constrain(h, ("batch", "length", None, "mlp"))
-    h = jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
+    h = swiglu(h)
     return jnp.einsum("btm,me->bte", h, maybe_quant(self.down[...], 1, quant).astype(dt))
 
 

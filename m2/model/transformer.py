@@ -13,6 +13,7 @@ from flax import nnx
 
 from m2 import parallel
 from m2.model.cache import KVCache
+from m2.model import head
 from m2.model.config import ModelConfig
 from m2.model.modules import Block, RMSNorm, param
 
@@ -103,11 +104,20 @@ class Transformer(nnx.Module):
       return x, new_cache
     return self.logits(x), new_cache
 
-  def logits(self, x):
-    dt = self.cfg.compute_dtype
+  def output_embedding(self) -> tuple[jax.Array, str]:
+    """The output projection and its axes: the tied table [V, E] or the LM head [E, V]."""
     if self.cfg.tie_embeddings:
-      logits = jnp.einsum("bte,ve->btv", x, self.embed[...].astype(dt))
-    else:
-      logits = jnp.einsum("bte,ev->btv", x, self.lm_head[...].astype(dt))
-    logits = parallel.constrain(logits, ("batch", "length", "vocab"))
-    return logits.astype(jnp.float32)
+      return self.embed[...], "ve"
+    return self.lm_head[...], "ev"
+
+  def logits(self, x):
+    """fp32 logits [B, T, V] of final hidden states [B, T, E]."""
+    return head.logits(x, *self.output_embedding())
+
+  def target_logprobs(self, hidden, targets):
+    """(log p(targets), entropy), fp32 [B, T], from final hidden states [B, T, E].
+
+    What training needs, without materialising the log-softmax (`m2.model.head`).
+    """
+    w, w_axes = self.output_embedding()
+    return head.target_logprobs(hidden, w, targets, w_axes)

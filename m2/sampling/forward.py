@@ -15,13 +15,6 @@ decode step. The price is one copy of the layer weights per call, which is why
 accelerators keep the scan. The embedding lookup, cache-segment bookkeeping
 and final norm mirror `Transformer.__call__`; tests/sampling check that both
 forwards give the model's logits.
-
-The unrolled forward also runs attention in its own layout (`_attention`):
-the same maths as `modules.Attention`, but with query rows grouped per kv
-head ([B, K, T*G, D]) so that scores, probs @ V and the output projection are
-plain (batched) matmuls. With the model's layout XLA:CPU computed probs @ V
-as a transposed dot and re-laid out the output kernel on every decode step;
-in a profile of the tiny model at batch 16 that was about a fifth of a step.
 """
 
 from __future__ import annotations
@@ -36,8 +29,6 @@ from flax import nnx, struct
 from m2 import parallel
 from m2.model.cache import KVCache
 from m2.model.config import ModelConfig
-from m2.model.modules import rope
-from m2.model.quant import maybe_quant
 
 _CACHE_AXES = KVCache.LOGICAL_AXES[1:]  # one layer: batch, kv_heads, cache_length, head_dim
 
@@ -132,8 +123,8 @@ class UnrolledForward(ScanForward):
                                                   (0, cache.index))
     ks, vs = [], []
     for layer, k, v in zip(ctx.layers, cache.k, cache.v):
-      x, (k, v) = _block(cfg, nnx.merge(ctx.block_def, layer), x, positions, segments, (k, v),
-                         cache_segments, cache.index)
+      x, (k, v) = nnx.merge(ctx.block_def, layer)(x, positions, segments, (k, v),
+                                                  cache_segments, cache.index)
       ks.append(parallel.constrain(k, _CACHE_AXES))
       vs.append(parallel.constrain(v, _CACHE_AXES))
     cache = LayerCache(k=tuple(ks), v=tuple(vs), segments=cache_segments,
@@ -142,56 +133,6 @@ class UnrolledForward(ScanForward):
 
   def logits(self, ctx: _Unrolled, hidden):
     return ctx.model.logits(hidden)
-
-
-def _block(cfg: ModelConfig, block, x, positions, segments, kv, cache_segments, index):
-  """`modules.Block.__call__` with a cache, attention by `_attention`."""
-  h, kv = _attention(cfg, block.attn, block.attn_norm(x), positions, segments, kv,
-                     cache_segments, index)
-  x = x + h
-  x = x + block.mlp(block.mlp_norm(x))
-  return parallel.constrain(x, ("batch", "length", "embed")), kv
-
-
-def _attention(cfg: ModelConfig, attn, x, positions, segments, kv, cache_segments, index):
-  """`modules.Attention.__call__` with a cache: x [B, T, E] -> (y [B, T, E], (k, v)).
-
-  Same projections, RoPE, cache update and mask as the model; query row t * G + g
-  of kv head k is query head (k, g) of token t.
-  """
-  dt = cfg.compute_dtype
-  b, t, e = x.shape
-  heads, g, d = cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim
-  qkv = jnp.einsum("bte,ekgd->btkgd", x, maybe_quant(attn.qkv[...], 1, cfg.quant).astype(dt))
-  if attn.qkv_bias is not None:
-    qkv = qkv + attn.qkv_bias[...].astype(dt)
-  q, k, v = qkv[..., :g, :], qkv[..., g, :], qkv[..., g + 1, :]
-  if cfg.qk_norm:
-    q, k = attn.q_norm(q), attn.k_norm(k)
-  q = rope(q, positions, cfg.rope_theta)  # [B, T, K, G, D]
-  k = rope(k, positions, cfg.rope_theta)  # [B, T, K, D]
-  cache_k, cache_v = kv
-  k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype),
-                                   (0, 0, index, 0))
-  v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype),
-                                   (0, 0, index, 0))
-  q = q.transpose(0, 2, 1, 3, 4).reshape(b, heads, t * g, d)
-  q = parallel.constrain(q, ("batch", "kv_heads", None, "head_dim"))
-
-  q_slots = index + jnp.arange(t)
-  k_slots = jnp.arange(k.shape[2])
-  mask = ((q_slots[:, None] >= k_slots[None, :])[None]
-          & (segments[:, :, None] == cache_segments[:, None, :])
-          & (cache_segments[:, None, :] != 0))  # [B, T, S]
-  mask = jnp.repeat(mask, g, axis=1)[:, None]  # [B, 1, T * G, S]
-  scores = jnp.einsum("bkqd,bksd->bkqs", q, k.astype(dt)) * (d ** -0.5)
-  scores = jnp.where(mask, scores.astype(jnp.float32), -1e30)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-  out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(dt))  # [B, K, T * G, D]
-  out = out.reshape(b, heads, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b * t, heads * g * d)
-  w_out = maybe_quant(attn.out[...], 3, cfg.quant).astype(dt)  # [K, G, D, E]
-  y = (out @ w_out.reshape(heads * g * d, e)).reshape(b, t, e)
-  return y, (k, v)
 
 
 FORWARDS = {"scan": ScanForward, "unrolled": UnrolledForward}

@@ -94,9 +94,8 @@ def lm_loss(model: nnx.Module, batch: dict[str, jax.Array]):
 
   batch: inputs, targets, positions, segments, loss_mask — all [B, T].
   """
-  logits, _ = model(batch["inputs"], batch["positions"], batch["segments"])
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+  hidden, _ = model(batch["inputs"], batch["positions"], batch["segments"], return_hidden=True)
+  nll = -model.target_logprobs(hidden, batch["targets"])[0]
   mask = batch["loss_mask"].astype(jnp.float32)
   tokens = jnp.maximum(mask.sum(), 1.0)
   loss = (nll * mask).sum() / tokens

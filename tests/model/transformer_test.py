@@ -139,3 +139,31 @@ def test_num_params_matches_the_built_model():
     m = model(**kw)
     n = sum(x.size for x in jax.tree.leaves(nnx.state(m)))
     assert n == m.cfg.num_params()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_target_logprobs_match_log_softmax_in_value_and_gradient(tied):
+  """The fused head (custom VJP) is what every loss trains through."""
+  m = model(tie_embeddings=tied)
+  graphdef, params = nnx.split(m)
+  x, targets = tokens(2, 6, seed=1), tokens(2, 6, seed=2)
+  weights = jax.random.normal(jax.random.PRNGKey(3), (2, 2, 6))  # arbitrary cotangents
+
+  def objective(fused):
+    def f(p):
+      mod = nnx.merge(graphdef, p)
+      hidden, _ = mod(x, return_hidden=True)
+      if fused:
+        logp, entropy = mod.target_logprobs(hidden, targets)
+      else:
+        logp_all = jax.nn.log_softmax(mod.logits(hidden), axis=-1)
+        logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
+        entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+      return jnp.sum(weights[0] * logp + weights[1] * entropy), (logp, entropy)
+    return jax.value_and_grad(f, has_aux=True)(params)
+
+  (_, got), got_grads = objective(True)
+  (_, want), want_grads = objective(False)
+  np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+  np.testing.assert_allclose(got[1], want[1], atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got_grads, want_grads)
