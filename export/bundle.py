@@ -187,12 +187,15 @@ def serve_script(plan: ServePlan, max_len: int) -> str:
 # Serve this bundle on one 24 GB GPU (RTX 4090, sm_89): int4 target + draft model.
 # max model length {max_len} comes from README.md's memory budget (batch {plan.batch}).
 # Usage: ./serve.sh vllm | ./serve.sh sglang     (port 8000)
+# The tokenizer comes from this folder, which has no config.json: next to a Qwen2 config,
+# transformers 5 would swap in Qwen2Tokenizer's byte-level rules (wrong for SentencePiece).
 set -euo pipefail
 DIR="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 ENGINE="${{1:-vllm}}"
 case "$ENGINE" in
   vllm)
     exec vllm serve "$DIR/target" \\
+      --tokenizer "$DIR" \\
       --quantization compressed-tensors \\
       --dtype bfloat16 \\
       --max-model-len {max_len} \\
@@ -205,6 +208,7 @@ case "$ENGINE" in
     ;;
   sglang)
     exec python -m sglang.launch_server --model-path "$DIR/target" \\
+      --tokenizer-path "$DIR" \\
       --quantization compressed-tensors \\
       --dtype bfloat16 \\
       --context-length {max_len} \\
@@ -247,8 +251,11 @@ def qwen_32b_config() -> dict:
 
 def bundle(workdir: str, out: str, *, stage: str | None = None, overwrite: bool = False,
            plan: ServePlan = ServePlan(), quant=None, draft_cfg=None,
-           calib_texts=None, draft_eval_prompts: int = 8) -> pathlib.Path:
-  """Exports, quantizes and distils a draft into `out`; writes serve.sh and README.md."""
+           calib_texts=None, draft_eval_prompts: int = 8, quality_windows: int = 16,
+           quality_eval_limit: int = 0) -> pathlib.Path:
+  """Exports, quantizes and distils a draft into `out`; writes serve.sh and README.md
+  (with the int4 quality table of export.quantize.quality_report unless
+  `quality_windows` is 0; `quality_eval_limit` > 0 adds HealthBench scores)."""
   from export import draft as draft_lib
   from export import quantize, to_hf
 
@@ -259,6 +266,16 @@ def bundle(workdir: str, out: str, *, stage: str | None = None, overwrite: bool 
     dense = tmp / ".dense"
     to_hf.export(workdir, str(dense), stage=stage)
     quantize.quantize_folder(dense, tmp / "target", quant, calib_texts=calib_texts)
+    quality = ""
+    if quality_windows:
+      configs = {"rtn": dataclasses.replace(quant, method="rtn")}
+      if quant.method == "gptq":
+        configs["gptq"] = quant
+      rows = quantize.quality_report(dense, configs, held_windows=quality_windows,
+                                     seq_len=quant.calib_seq_len, calib_texts=calib_texts,
+                                     eval_limit=quality_eval_limit)
+      quality = quantize.format_report(rows)
+      (tmp / "quality.json").write_text(json.dumps({"rows": rows}, indent=1))
     report = draft_lib.build_draft(workdir, str(tmp / "draft"), draft_cfg, stage=stage,
                                    train_dir=str(tmp / ".draft_train"),
                                    eval_prompts=draft_eval_prompts)
@@ -282,12 +299,20 @@ def bundle(workdir: str, out: str, *, stage: str | None = None, overwrite: bool 
         {"this_model": budget, "qwen2_5_32b": big, "file_check": check,
          "draft_report": report}, indent=2))
     (tmp / "README.md").write_text(_readme(budget, big, check, report, plan,
-                                           draft_hf["num_hidden_layers"]))
+                                           draft_hf["num_hidden_layers"], quality))
   return pathlib.Path(out)
 
 
-def _readme(budget, big, check, report, plan, draft_layers: int) -> str:
+def _readme(budget, big, check, report, plan, draft_layers: int, quality: str = "") -> str:
   spec = report.get("m2_speculative", {})
+  if quality:
+    quality = f"""
+## int4 quality (held-out MTS-Dialog test1; KL and agreement against the dense model)
+
+```
+{quality}
+```
+"""
   return f"""# m2 consumer-GPU bundle
 
 `./serve.sh vllm`, `./serve.sh sglang` (one 24 GB GPU) or `./serve.sh local` (CPU fallback,
@@ -299,6 +324,7 @@ transformers + assisted generation, OpenAI-compatible `/v1/chat/completions`).
   m2 speculative sampler at k={spec.get('k')}: {spec.get('tokens_per_round', float('nan')):.2f}
   tokens per round, {spec.get('speedup', float('nan')):.2f}x wall speed-up (CPU, batch 1).
 
+{quality}
 ## This model
 
 {format_budget('this model', budget)}
@@ -329,6 +355,10 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=ServePlan.batch)
   p.add_argument("--kv_cache_dtype", default=ServePlan.kv_cache_dtype, choices=sorted(_KV_BYTES))
   p.add_argument("--draft_steps", type=int, default=200)
+  p.add_argument("--quality_windows", type=int, default=16,
+                 help="held-out windows for the README's int4 quality table (0: none)")
+  p.add_argument("--quality_eval_limit", type=int, default=0,
+                 help="HealthBench examples to score dense / RTN / GPTQ on (0: none)")
   p.add_argument("--budget_only", action="store_true",
                  help="print the memory budget of --preset (default Qwen2.5-32B) and exit")
   p.add_argument("--preset", default="qwen2_5_32b")
@@ -347,7 +377,8 @@ def main(argv=None):
     p.error("--workdir and --out are required (or --budget_only)")
   from export.draft import DraftConfig
   folder = bundle(a.workdir, a.out, stage=a.stage, overwrite=a.overwrite, plan=plan,
-                  draft_cfg=DraftConfig(steps=a.draft_steps))
+                  draft_cfg=DraftConfig(steps=a.draft_steps), quality_windows=a.quality_windows,
+                  quality_eval_limit=a.quality_eval_limit)
   print(folder)
 
 

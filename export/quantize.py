@@ -9,7 +9,11 @@ zero point, per output channel and group); embeddings, norms, biases and the
 LM head stay dense. The output is the compressed-tensors `pack-quantized`
 layout (config.json `quantization_config.quant_method = "compressed-tensors"`),
 which vLLM serves with Marlin int4 kernels on sm_80+ (RTX 4090 is sm_89) and
-transformers decompresses on CPU.
+transformers decompresses on CPU; or, with --format=gptq, AutoGPTQ's layout
+(qweight / qzeros / scales / g_idx, quant_method "gptq").
+
+  python -m export.quantize --model=exports/tiny --report --group_sizes=128,64 \
+      --eval_limit=16                 # the quality table (see quality_report)
 
 Methods:
   rtn   round to nearest with min-max group scales (the baseline).
@@ -21,8 +25,11 @@ Methods:
         blocks. `act_order` visits columns by decreasing diag(H) with group
         scales fixed up front from the unquantized weights ("static groups",
         compressed-tensors actorder="weight"), so the file layout needs no
-        g_idx. Layers are quantized in order; each layer's Hessians are taken
-        on the outputs of the already-quantized layers before it.
+        g_idx reordering. Layers are quantized in order; each layer's Hessians
+        are taken on the outputs of the already-quantized layers before it
+        (all seven linears of a layer on the same dense-layer inputs, i.e. not
+        "true sequential" within the layer). A test checks the codes equal an
+        independent column-by-column OBS formulation of the same algorithm.
 
 The rounding is the one `m2/model/quant.py` uses, so an RTN export
 dequantizes to exactly the weights of m2's fake-quant forward pass
@@ -45,6 +52,8 @@ log = logging.getLogger(__name__)
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 METHODS = ("rtn", "gptq")
+# File layouts: compressed-tensors pack-quantized, or AutoGPTQ's qweight/qzeros/scales/g_idx.
+FORMATS = ("pack-quantized", "gptq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +69,7 @@ class QuantConfig:
   calib_seq_len: int = 256    # tokens per window
   dtype: str = "bfloat16"     # dtype of the dense tensors (embeddings, norms, head)
   seed: int = 0
+  format: str = "pack-quantized"   # or "gptq" (AutoGPTQ layout, checkpoint_format "gptq")
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -73,6 +83,8 @@ class QuantConfig:
       raise ValueError(f"QuantConfig.dtype: float32, bfloat16 or float16 (got {self.dtype!r})")
     if not 0 <= self.damp < 1:
       raise ValueError(f"QuantConfig.damp: in [0, 1) (got {self.damp})")
+    if self.format not in FORMATS:
+      raise ValueError(f"QuantConfig.format: one of {FORMATS} (got {self.format!r})")
 
   @property
   def scheme(self):
@@ -280,6 +292,65 @@ def packed_tensors(prefix: str, ql: QuantizedLinear, bits: int) -> dict[str, np.
   return t
 
 
+# --- AutoGPTQ layout (qweight / qzeros / scales / g_idx) ------------------------------
+
+def _pack_rows(u: np.ndarray, bits: int, axis: int) -> np.ndarray:
+  """Unsigned codes -> int32 words, 32 // bits per word along `axis`, element k of a run
+  in bits k*bits.. (AutoGPTQ's order)."""
+  per = 32 // bits
+  v = np.moveaxis(u.astype(np.int64), axis, -1)
+  if v.shape[-1] % per:
+    raise ValueError(f"GPTQ layout: dimension {v.shape[-1]} is not a multiple of {per}")
+  v = v.reshape(v.shape[:-1] + (-1, per))
+  words = np.sum(v << (bits * np.arange(per, dtype=np.int64)), axis=-1)
+  return np.moveaxis(words.astype(np.uint32).view(np.int32), -1, axis).copy()
+
+
+def gptq_tensors(prefix: str, ql: QuantizedLinear, bits: int) -> dict[str, np.ndarray]:
+  """One linear in AutoGPTQ's layout (checkpoint_format "gptq", the one vLLM's gptq and
+  gptq_marlin kernels and transformers' GPTQ integration read):
+
+    qweight int32 [in / (32/bits), out]  unsigned codes q + 2^(bits-1), packed along `in`
+    qzeros  int32 [groups, out / (32/bits)]  zero point - 1 (the format's historical
+                                            offset), packed along `out`
+    scales  float16 [groups, out]
+    g_idx   int32 [in]  group of each input (in // group: act-order here uses static
+                        groups, so the order on disk is the natural one)
+
+  and w[o, i] = scales[g, o] * (code[i, o] - (qzeros[g, o] + 1)), g = g_idx[i].
+  Symmetric layers store zero point 2^(bits-1), as AutoGPTQ does.
+  """
+  out, n_in = ql.q.shape
+  half = 1 << (bits - 1)
+  group = n_in // ql.scale.shape[1]
+  zero = (np.full(ql.scale.shape, half, np.int64) if ql.zero is None
+          else ql.zero.astype(np.int64) + half)
+  if np.any(zero == 0):
+    # Stored as zero - 1 = -1, which the format's kernels read back as 2^bits - 1 + 1.
+    raise ValueError(f"{prefix}: a zero point of 0 (a group with no negative weight) cannot "
+                     f"be written in the GPTQ layout; use the pack-quantized format")
+  scales = ql.scale.astype(np.float32)
+  scales16 = scales.astype(np.float16)
+  if not np.array_equal(scales16.astype(np.float32), scales):
+    raise ValueError(f"{prefix}: scales outside float16's exact range (GPTQ stores float16 "
+                     f"scales); use the pack-quantized format")
+  mask = (1 << bits) - 1
+  return {prefix + ".qweight": _pack_rows((ql.q.astype(np.int64) + half).T, bits, axis=0),
+          prefix + ".qzeros": _pack_rows(((zero - 1) & mask).T, bits, axis=1),
+          prefix + ".scales": np.ascontiguousarray(scales16.T),
+          prefix + ".g_idx": (np.arange(n_in) // group).astype(np.int32)}
+
+
+def gptq_config(cfg: QuantConfig) -> dict:
+  """config.json `quantization_config` for the GPTQ layout."""
+  return {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": cfg.bits,
+          "group_size": cfg.group_size, "sym": cfg.symmetric,
+          # Act-order columns were visited by decreasing diag(H) with static groups:
+          # the groups on disk are contiguous, so no desc_act reordering at load time.
+          "desc_act": False, "static_groups": cfg.act_order, "damp_percent": cfg.damp,
+          "true_sequential": False, "lm_head": False}
+
+
 # --- calibration and evaluation text ----------------------------------------------
 
 def medical_texts(split: str, limit: int | None = None, data_dir: str | None = None
@@ -314,18 +385,39 @@ def token_windows(tokenizer, texts, n: int, seq_len: int, seed: int = 0) -> np.n
 
 def perplexity(model, windows: np.ndarray, batch_size: int = 8) -> float:
   """exp(mean next-token NLL) of a transformers causal LM over token windows."""
+  return lm_stats(model, windows, batch_size)[0]["ppl"]
+
+
+def lm_stats(model, windows: np.ndarray, batch_size: int = 8, reference=None):
+  """({"ppl", and with `reference` "kl", "top1_agree"}, log-probs per batch).
+
+  `reference` is the log-probs list a previous call returned (the dense model):
+  "kl" is the mean per-token KL(dense || model) and "top1_agree" the fraction of
+  positions where both predict the same next token. Unlike perplexity, which a
+  small perturbation can move either way, KL is 0 only for the dense model itself
+  and grows with any change to its predictions.
+  """
   import torch
 
-  nll, count = 0.0, 0
+  nll = kl = agree = 0.0
+  count = 0
+  logps = []
   with torch.no_grad():
-    for i in range(0, len(windows), batch_size):
+    for b, i in enumerate(range(0, len(windows), batch_size)):
       x = torch.as_tensor(windows[i:i + batch_size])
-      logits = model(input_ids=x).logits.float()
-      loss = torch.nn.functional.cross_entropy(
-          logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-      nll += float(loss)
+      lp = torch.log_softmax(model(input_ids=x).logits[:, :-1].double(), dim=-1)
+      nll -= float(lp.gather(-1, x[:, 1:, None]).sum())
       count += x[:, 1:].numel()
-  return math.exp(nll / count)
+      if reference is None:
+        logps.append(lp.float())
+      else:
+        ref = reference[b].double()
+        kl += float((ref.exp() * (ref - lp)).sum())
+        agree += float((ref.argmax(-1) == lp.argmax(-1)).sum())
+  stats = {"ppl": math.exp(nll / count)}
+  if reference is not None:
+    stats.update(kl=kl / count, top1_agree=agree / count)
+  return stats, logps
 
 
 def input_hessians(model, windows: np.ndarray, batch_size: int = 8) -> dict[str, np.ndarray]:
@@ -351,13 +443,6 @@ def input_hessians(model, windows: np.ndarray, batch_size: int = 8) -> dict[str,
     for h in hooks:
       h.remove()
   return {k: (2.0 / rows[k]) * v.numpy() for k, v in sums.items()}
-
-
-def output_error(w: np.ndarray, ql: QuantizedLinear, hessian: np.ndarray) -> float:
-  """Relative layer-output error ||(W - Q) X||^2 / ||W X||^2, with H = 2/n X^T X."""
-  d = w.astype(np.float64) - ql.dequantize()
-  w = w.astype(np.float64)
-  return float(np.sum((d @ hessian) * d) / np.sum((w @ hessian) * w))
 
 
 # --- the model-level pass ---------------------------------------------------------
@@ -488,13 +573,15 @@ def write_quantized(src, out, quantized: dict[str, QuantizedLinear], cfg: QuantC
       for key in f.keys():
         if key in quantized_names:
           prefix = key[:-len(".weight")]
-          add({k: np.ascontiguousarray(v) for k, v in
-               packed_tensors(prefix, quantized[prefix], cfg.bits).items()})
+          tensors = (gptq_tensors(prefix, quantized[prefix], cfg.bits) if cfg.format == "gptq"
+                     else packed_tensors(prefix, quantized[prefix], cfg.bits))
+          add({k: np.ascontiguousarray(v) for k, v in tensors.items()})
         else:
           add({key: np.ascontiguousarray(f.get_tensor(key).astype(dense_dtype))})
   flush()
+  marker = ".qweight" if cfg.format == "gptq" else ".weight_packed"
   missing = sorted(set(quantized) - {k.rsplit(".", 1)[0] for k in weight_map
-                                    if k.endswith(".weight_packed")})
+                                    if k.endswith(marker)})
   if missing:
     raise ValueError(f"{src}: quantized layers not in the checkpoint: {missing[:5]}")
   # Final names need the shard count.
@@ -508,7 +595,8 @@ def write_quantized(src, out, quantized: dict[str, QuantizedLinear], cfg: QuantC
     (out / hf.INDEX_FILE).write_text(json.dumps(
         {"metadata": {"total_size": total},
          "weight_map": {k: rename[v] for k, v in sorted(weight_map.items())}}, indent=2))
-  config["quantization_config"] = compressed_tensors_config(cfg)
+  config["quantization_config"] = (gptq_config(cfg) if cfg.format == "gptq"
+                                   else compressed_tensors_config(cfg))
   config["torch_dtype"] = config["dtype"] = cfg.dtype
   (out / hf.CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
   for extra in src.iterdir():
@@ -535,8 +623,8 @@ def quantize_folder(src, out, cfg: QuantConfig, *, overwrite: bool = False,
     model = load_torch_model(src)
     calib = None
     if cfg.method == "gptq":
-      from transformers import AutoTokenizer
-      tok = AutoTokenizer.from_pretrained(str(src))
+      from export.to_hf import load_tokenizer
+      tok = load_tokenizer(src)
       texts = calib_texts if calib_texts is not None else medical_texts("train")
       calib = token_windows(tok, texts, cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
     quantized = quantize_model(model, cfg, calib)
@@ -546,45 +634,187 @@ def quantize_folder(src, out, cfg: QuantConfig, *, overwrite: bool = False,
   return quantized, model
 
 
+def relative_output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray) -> float:
+  """||(W - W_hat) X||^2 / ||W X||^2 over the inputs X whose H = 2/n X^T X is given."""
+  w = w.astype(np.float64)
+  d = w - w_hat.astype(np.float64)
+  return float(np.sum((d @ hessian) * d) / np.sum((w @ hessian) * w))
+
+
+def output_error(w: np.ndarray, ql: QuantizedLinear, hessian: np.ndarray) -> float:
+  """Relative layer-output error ||(W - Q) X||^2 / ||W X||^2, with H = 2/n X^T X."""
+  return relative_output_error(w, ql.dequantize(), hessian)
+
+
+def model_output_error(model, dense_weights: dict[str, np.ndarray],
+                       hessians: dict[str, np.ndarray]) -> float:
+  """Mean over the decoder linears of `relative_output_error` of the model's current
+  weights against the dense ones."""
+  errors = [relative_output_error(w, model.get_submodule(k).weight.detach().float().numpy(),
+                                  hessians[k]) for k, w in dense_weights.items()]
+  return float(np.mean(errors))
+
+
+def _m2_params(model, src: pathlib.Path, mesh):
+  """The torch model's current weights as m2 params (through m2/model/hf.py, the one
+  name map), via a temporary HF folder with the source's config."""
+  import tempfile
+
+  from safetensors.torch import save_file
+
+  from m2.model import hf
+  with tempfile.TemporaryDirectory(prefix="m2_quant_eval_") as tmp:
+    shutil.copy(src / hf.CONFIG_FILE, pathlib.Path(tmp) / hf.CONFIG_FILE)
+    state = {k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items()
+             if k != "lm_head.weight" or not getattr(model.config, "tie_word_embeddings", False)}
+    save_file(state, str(pathlib.Path(tmp) / hf.WEIGHTS_FILE), metadata={"format": "pt"})
+    _, params = hf.load_hf_checkpoint(tmp, mesh=mesh)
+  return params
+
+
+class HealthBenchScorer:
+  """HealthBench score of a torch model's weights, generated greedily by m2's own
+  sampler and graded by m2's reference grader (m2.eval.healthbench): the eval score
+  before and after quantization. HealthBench is evaluation data only here; neither
+  calibration nor anything else is tuned on it.
+
+  `same_response` is the fraction of responses identical to the first model scored
+  (the dense one): at tiny scale the score itself moves little, the text does.
+  """
+
+  def __init__(self, src, limit: int, *, max_new_tokens: int = 48, batch_size: int = 16,
+               data_dir: str = ""):
+    from m2.eval import healthbench
+    from m2.eval.checkpoint import load_policy
+
+    self.src = pathlib.Path(src)
+    self.policy = load_policy(str(self.src))
+    self.examples = healthbench.load_examples(data_dir, ("oss_eval",), limit=limit)
+    self.grader = healthbench.make_grader("reference")
+    self.role = healthbench.make_role(self.policy, name="policy", max_new_tokens=max_new_tokens)
+    self.batch_size = batch_size
+    self.reference: list[str] | None = None
+
+  def __call__(self, model) -> dict:
+    from m2.eval import healthbench
+
+    # Same shapes each time: the sampler's compiled programs are reused.
+    self.role.params = _m2_params(model, self.src, self.policy.mesh)
+    responses = healthbench.generate(self.role, self.examples, self.batch_size, progress=False)
+    records = healthbench.grade(self.grader, self.examples, responses, self.batch_size,
+                                progress=False)
+    result = healthbench.report(records, n_bootstrap=200)
+    if self.reference is None:
+      self.reference = responses
+    same = np.mean([a == b for a, b in zip(responses, self.reference)])
+    # The official score clips the mean at 0, where a tiny model sits; the unclipped
+    # mean of the example scores (Σ met points / Σ positive points) still moves.
+    raw = [r["score"] for r in records if r["score"] is not None]
+    return {"healthbench": float(result["score"]),
+            "healthbench_std": float(result["metrics"].get("overall_score:bootstrap_std", 0.0)),
+            "healthbench_raw": float(np.mean(raw)) if raw else float("nan"),
+            "same_response": float(same)}
+
+
 def quality_report(src, configs: dict[str, QuantConfig], *, held_windows: int = 64,
-                   seq_len: int = 256, calib_texts=None, held_texts=None) -> list[dict]:
-  """Held-out medical perplexity and layer-output error for bf16 and each config.
+                   seq_len: int = 256, calib_texts=None, held_texts=None, eval_limit: int = 0,
+                   eval_max_new_tokens: int = 48, data_dir: str = "") -> list[dict]:
+  """Held-out medical perplexity, KL to the dense model, top-1 agreement, layer-output
+  error and (with `eval_limit` > 0) the HealthBench score of the dense model (fp32 and
+  bf16 weights) and of each config. The first row is the reference.
 
   The held-out text is MTS-Dialog test1, which m2's configs never train on;
   the output error uses the held-out activations of the dense model, so it
   measures how well a method generalises beyond its calibration set.
   """
   import torch
-  from transformers import AutoTokenizer
 
-  tok = AutoTokenizer.from_pretrained(str(src))
-  held = token_windows(tok, held_texts if held_texts is not None else medical_texts("test1"),
+  from export.to_hf import load_tokenizer
+
+  src = pathlib.Path(src)
+  tok = load_tokenizer(src)
+  held = token_windows(tok, held_texts if held_texts is not None
+                       else medical_texts("test1", data_dir=data_dir or None),
                        held_windows, seq_len, seed=1)
-  calib_texts = calib_texts if calib_texts is not None else medical_texts("train")
+  if calib_texts is None and any(c.method == "gptq" for c in configs.values()):
+    calib_texts = medical_texts("train", data_dir=data_dir or None)
   dense = load_torch_model(src)
   hessians = input_hessians(dense, held)
-  dense_weights = {f"model.layers.{li}.{n}": layer.get_submodule(n).weight.detach().numpy().copy()
-                   for li, layer in enumerate(dense.model.layers) for n in LINEARS}
-  bf16 = load_torch_model(src)
-  with torch.no_grad():
-    for p in bf16.parameters():
-      p.copy_(p.to(torch.bfloat16).float())
-  rows = [{"method": "bf16", "ppl": perplexity(bf16, held), "output_error": 0.0}]
+  dense_weights = {k: dense.get_submodule(k).weight.detach().float().numpy().copy()
+                   for k in hessians}
+  scorer = (HealthBenchScorer(src, eval_limit, max_new_tokens=eval_max_new_tokens,
+                              data_dir=data_dir) if eval_limit else None)
+  rows = []
+  reference = None
+
+  def add(name, model, cfg=None):
+    nonlocal reference
+    stats, logps = lm_stats(model, held, reference=reference)
+    if reference is None:   # the first model (fp32) is the reference
+      reference = logps
+      stats.update(kl=0.0, top1_agree=1.0)
+    row = {"method": name, **stats,
+           "output_error": model_output_error(model, dense_weights, hessians)}
+    if cfg is not None:
+      row.update(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
+                 act_order=cfg.act_order)
+    if scorer is not None:
+      row.update(scorer(model))
+    rows.append(row)
+    log.info("quality %s: %s", name, row)
+
+  from m2.model import hf
+  stored = hf.read_hf_config(src).get("torch_dtype") or "float32"
+  # The folder's own weights (computed in fp32) are the reference; a bf16 row shows
+  # what bf16 rounding alone costs when the folder holds fp32.
+  add("fp32" if stored == "float32" else f"dense ({stored})", dense)
+  del dense
+  if stored == "float32":
+    bf16 = load_torch_model(src)
+    with torch.no_grad():
+      for p in bf16.parameters():
+        p.copy_(p.to(torch.bfloat16).float())
+    add("bf16", bf16)
+    del bf16
   for name, cfg in configs.items():
     model = load_torch_model(src)
     calib = (token_windows(tok, calib_texts, cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
              if cfg.method == "gptq" else None)
-    quantized = quantize_model(model, cfg, calib)
-    errors = [output_error(dense_weights[k], ql, hessians[k]) for k, ql in quantized.items()]
-    rows.append({"method": name, "ppl": perplexity(model, held),
-                 "output_error": float(np.mean(errors))})
+    quantize_model(model, cfg, calib)
+    add(name, model, cfg)
+    del model
   return rows
 
 
 def format_report(rows: list[dict]) -> str:
-  lines = [f"{'method':<18} {'held-out ppl':>12} {'layer output err':>16}"]
-  lines += [f"{r['method']:<18} {r['ppl']:>12.4f} {r['output_error']:>16.5f}" for r in rows]
+  has_eval = any("healthbench" in r for r in rows)
+  head = (f"{'method':<24} {'held-out ppl':>12} {'KL vs fp32':>10} {'top-1 agree':>11} "
+          f"{'layer output err':>16}")
+  if has_eval:
+    head += f" {'HealthBench':>11} {'± std':>7} {'unclipped':>9} {'same text':>9}"
+  lines = [head]
+  for r in rows:
+    line = (f"{r['method']:<24} {r['ppl']:>12.4f} {r['kl']:>10.6f} {r['top1_agree']:>11.4f} "
+            f"{r['output_error']:>16.5f}")
+    if has_eval:
+      line += (f" {r['healthbench']:>11.4f} {r['healthbench_std']:>7.4f} "
+               f"{r['healthbench_raw']:>9.4f} {r['same_response']:>9.2f}")
+    lines.append(line)
   return "\n".join(lines)
+
+
+def report_configs(group_sizes=(128,), *, bits: int = 4, damp: float = 0.01,
+                   calib_samples: int = 64, calib_seq_len: int = 256) -> dict[str, QuantConfig]:
+  """RTN, GPTQ and GPTQ + act-order, symmetric and asymmetric, per group size."""
+  configs = {}
+  for g in group_sizes:
+    for sym in (True, False):
+      for m, ao in (("rtn", False), ("gptq", False), ("gptq", True)):
+        name = f"{m}{'+act_order' if ao else ''} {'sym' if sym else 'asym'} g{g}"
+        configs[name] = QuantConfig(method=m, symmetric=sym, act_order=ao, bits=bits,
+                                    group_size=g, block_size=max(g, 128 // g * g), damp=damp,
+                                    calib_samples=calib_samples, calib_seq_len=calib_seq_len)
+  return configs
 
 
 def main(argv=None):
@@ -602,27 +832,43 @@ def main(argv=None):
   p.add_argument("--calib_samples", type=int, default=64)
   p.add_argument("--calib_seq_len", type=int, default=256)
   p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--format", default="pack-quantized", choices=FORMATS,
+                 help="pack-quantized (compressed-tensors) or gptq (qweight/qzeros/scales/g_idx)")
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--report", action="store_true",
-                 help="print held-out perplexity for bf16 / RTN / GPTQ (sym and asym) and exit")
+                 help="print the quality table (held-out perplexity, layer-output error and, "
+                      "with --eval_limit, HealthBench) of fp32 / bf16 / RTN / GPTQ, sym and asym, "
+                      "and exit")
+  p.add_argument("--group_sizes", default="",
+                 help="--report: comma-separated group sizes (default: --group_size)")
+  p.add_argument("--held_windows", type=int, default=64, help="--report: held-out windows")
+  p.add_argument("--eval_limit", type=int, default=0,
+                 help="--report: HealthBench examples to score each model on (0: none)")
+  p.add_argument("--eval_max_new_tokens", type=int, default=48)
+  p.add_argument("--report_out", default="",
+                 help="--report: also write the table (.txt) and rows (.json) to this prefix")
   a = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO)
   if a.report:
-    common = dict(bits=a.bits, group_size=a.group_size, damp=a.damp,
-                  calib_samples=a.calib_samples, calib_seq_len=a.calib_seq_len)
-    configs = {f"{m}{'+act_order' if ao else ''} {'sym' if sym else 'asym'}":
-               QuantConfig(method=m, symmetric=sym, act_order=ao, **common)
-               for sym in (True, False) for m, ao in (("rtn", False), ("gptq", False),
-                                                      ("gptq", True))}
-    rows = quality_report(a.model, configs)
-    print(format_report(rows))
+    groups = tuple(int(g) for g in a.group_sizes.split(",")) if a.group_sizes else (a.group_size,)
+    configs = report_configs(groups, bits=a.bits, damp=a.damp, calib_samples=a.calib_samples,
+                             calib_seq_len=a.calib_seq_len)
+    rows = quality_report(a.model, configs, held_windows=a.held_windows,
+                          seq_len=a.calib_seq_len, eval_limit=a.eval_limit,
+                          eval_max_new_tokens=a.eval_max_new_tokens)
+    table = format_report(rows)
+    print(table)
     print(json.dumps({"bench": "int4_quality", "model": a.model, "rows": rows}))
+    if a.report_out:
+      pathlib.Path(a.report_out + ".txt").write_text(table + "\n")
+      pathlib.Path(a.report_out + ".json").write_text(json.dumps(
+          {"model": a.model, "args": vars(a), "rows": rows}, indent=1))
     return
   if not a.out:
     p.error("--out is required unless --report")
   cfg = QuantConfig(method=a.method, bits=a.bits, group_size=a.group_size, symmetric=not a.asym,
                     act_order=a.act_order, damp=a.damp, calib_samples=a.calib_samples,
-                    calib_seq_len=a.calib_seq_len, dtype=a.dtype)
+                    calib_seq_len=a.calib_seq_len, dtype=a.dtype, format=a.format)
   quantize_folder(a.model, a.out, cfg, overwrite=a.overwrite)
   print(a.out)
 

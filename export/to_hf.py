@@ -160,6 +160,19 @@ def write_tokenizer(tokenizer, out_dir, *, chat_template: str | None = None,
   return ids
 
 
+def load_tokenizer(folder):
+  """The exported folder's tokenizer exactly as tokenizer.json defines it.
+
+  Use this, not `AutoTokenizer`, for SentencePiece exports: transformers 5
+  maps model_type "qwen2" to `Qwen2Tokenizer`, which keeps the vocabulary and
+  merges of tokenizer.json but replaces its normaliser and pre-tokeniser with
+  Qwen's byte-level ones, so a SentencePiece vocabulary ("▁" for spaces)
+  tokenises differently from m2 (byte-level exports are unaffected).
+  """
+  from transformers import PreTrainedTokenizerFast
+  return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+
+
 def _byte_backend(tokenizer):
   """ByteTokenizer as a byte-level BPE without merges: each UTF-8 byte b is id b + 3."""
   from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers

@@ -7,6 +7,7 @@ import urllib.request
 import pytest
 
 from export import bundle as B
+from export import to_hf
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,8 @@ def bundled(trained_run, tmp_path_factory):
            quant=QuantConfig(method="gptq", calib_samples=16, calib_seq_len=128),
            draft_cfg=DraftConfig(layers=1, prompts=32, prompt_len=32, new_tokens=48, steps=40,
                                  batch_size=16),
-           calib_texts=medical_texts("train", limit=300), draft_eval_prompts=2)
+           calib_texts=medical_texts("train", limit=300), draft_eval_prompts=2,
+           quality_windows=4)
   return out
 
 
@@ -27,13 +29,22 @@ def test_bundle_folder(bundled):
   assert {"target", "draft", "tokenizer.json", "tokenizer_config.json", "serve.sh",
           "README.md", "budget.json"} <= names
   assert not [n for n in names if n.startswith(".")]
+  # The folder serve.sh names as the tokenizer: AutoTokenizer keeps tokenizer.json's rules
+  # there (no config.json to map it to Qwen2Tokenizer).
+  from transformers import AutoTokenizer
+  assert "config.json" not in names
+  tok = AutoTokenizer.from_pretrained(str(bundled), local_files_only=True)
+  text = "Patient: I've had a fever since Tuesday."
+  assert tok(text, add_special_tokens=False)["input_ids"] == to_hf.load_tokenizer(
+      bundled / "target")(text, add_special_tokens=False)["input_ids"]
   target = json.loads((bundled / "target" / "config.json").read_text())
   assert target["quantization_config"]["format"] == "pack-quantized"
   draft = json.loads((bundled / "draft" / "config.json").read_text())
   assert draft["num_hidden_layers"] == 1 and draft["vocab_size"] == target["vocab_size"]
   script = (bundled / "serve.sh").read_text()
   assert os.access(bundled / "serve.sh", os.X_OK)
-  for needle in ("vllm serve", "--quantization compressed-tensors", "--kv-cache-dtype fp8",
+  for needle in ("vllm serve", '--tokenizer "$DIR"', '--tokenizer-path "$DIR"',
+                 "--quantization compressed-tensors", "--kv-cache-dtype fp8",
                  "--speculative-config", "sglang.launch_server", "--speculative-draft-model-path",
                  "--max-model-len", "--context-length"):
     assert needle in script, needle
@@ -44,6 +55,10 @@ def test_bundle_folder(bundled):
   assert check["file_bytes"] > check["tensor_bytes"]
   readme = (bundled / "README.md").read_text()
   assert "Qwen2.5-32B" in readme and "Largest context" in readme
+  # The int4 quality table: the dense reference, RTN and the GPTQ target.
+  rows = json.loads((bundled / "quality.json").read_text())["rows"]
+  assert [r["method"] for r in rows] == ["fp32", "bf16", "rtn", "gptq"]
+  assert "int4 quality" in readme and all(r["method"] in readme for r in rows)
 
 
 def test_draft_is_exact_and_accepted(bundled):

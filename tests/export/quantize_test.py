@@ -91,8 +91,7 @@ def test_gptq_folder_decompresses_bit_exactly_and_logits_match(gptq_asym):
 
 
 def _tok(folder):
-  from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(str(folder))
+  return to_hf.load_tokenizer(folder)
 
 
 def test_rtn_export_equals_m2_fake_quant_forward(trained_run, dense, tmp_path):
@@ -122,9 +121,8 @@ def test_rtn_export_equals_m2_fake_quant_forward(trained_run, dense, tmp_path):
 
 
 def test_gptq_beats_rtn_on_held_out_layer_outputs(dense, texts, gptq_asym):
-  from transformers import AutoTokenizer
   _, gptq_layers, _ = gptq_asym
-  tok = AutoTokenizer.from_pretrained(str(dense))
+  tok = to_hf.load_tokenizer(dense)
   held = Q.token_windows(tok, texts["held"], 16, 128, seed=1)
   model = Q.load_torch_model(dense)
   hessians = Q.input_hessians(model, held)
@@ -136,6 +134,110 @@ def test_gptq_beats_rtn_on_held_out_layer_outputs(dense, texts, gptq_asym):
                                                                           hessians[name])
     wins += e_gptq < e_rtn
   assert wins == len(gptq_layers), f"GPTQ better on {wins}/{len(gptq_layers)} layers"
+
+
+def _naive_gptq(w, hessian, cfg):
+  """GPTQ written the OBS way, independently of export.quantize.gptq: no Cholesky, no
+  lazy blocks; after each column the remaining weights move by err * H^-1[j, j:] and
+  column j is eliminated from H^-1 (Frantar et al. 2022, eqs. 2-3)."""
+  out, n = w.shape
+  W, H = w.astype(np.float64).copy(), hessian.copy()
+  dead = np.diag(H) == 0
+  H[dead, dead] = 1
+  W[:, dead] = 0
+  H[np.diag_indices(n)] += cfg.damp * np.mean(np.diag(H))
+  Hinv = np.linalg.inv(H)
+  codes = np.zeros((out, n), np.int8)
+  for j in range(n):
+    if j % cfg.group_size == 0:   # group scale from the updated weights at the group start
+      scale, zero = Q.group_params(W[:, j:j + cfg.group_size].astype(np.float32), cfg)
+      scale, zero = scale[:, 0], None if zero is None else zero[:, 0]
+    codes[:, j] = Q._quant_columns(W[:, j], scale, zero, cfg.scheme)
+    err = (W[:, j] - Q._dequant_columns(codes[:, j], scale, zero)) / Hinv[j, j]
+    W[:, j:] -= np.outer(err, Hinv[j, j:])
+    Hinv -= np.outer(Hinv[:, j], Hinv[j, :]) / Hinv[j, j]
+  return codes
+
+
+def _correlated_inputs(d, seed=0):
+  """Sampler of layer inputs with correlated channels and a few outlier channels, the
+  structure trained transformers show and GPTQ exploits."""
+  rng = np.random.default_rng(seed)
+  mix = rng.standard_normal((d, d)) / np.sqrt(d) * 0.97 ** np.arange(d)[:, None] + 0.05 * np.eye(d)
+  gain = np.ones(d)
+  gain[rng.choice(d, 4, replace=False)] = 20.0
+  return lambda n, seed: (np.random.default_rng(seed).standard_normal((n, d)) @ mix) * gain
+
+
+def test_gptq_equals_the_obs_formulation_and_beats_rtn_on_held_out_inputs():
+  d = 256
+  sample = _correlated_inputs(d)
+  x_calib, x_held = sample(2048, 1), sample(2048, 2)
+  h_calib, h_held = 2 * x_calib.T @ x_calib / 2048, 2 * x_held.T @ x_held / 2048
+  w = (np.random.default_rng(3).standard_normal((32, d)) * 0.05).astype(np.float32)
+  # Several groups per lazy block, so the block-boundary updates are exercised too.
+  cfg = Q.QuantConfig(symmetric=False, group_size=32, block_size=128)
+  np.testing.assert_array_equal(Q.gptq(w, h_calib, cfg).q, _naive_gptq(w, h_calib, cfg))
+  h_dead = h_calib.copy()
+  h_dead[5, :] = h_dead[:, 5] = 0   # an input never active
+  np.testing.assert_array_equal(Q.gptq(w, h_dead, cfg).q, _naive_gptq(w, h_dead, cfg))
+  for sym in (True, False):
+    rtn = Q.rtn(w, Q.QuantConfig(method="rtn", symmetric=sym))
+    for act_order in (False, True):
+      ql = Q.gptq(w, h_calib, Q.QuantConfig(symmetric=sym, act_order=act_order))
+      for h in (h_calib, h_held):
+        assert Q.output_error(w, ql, h) < 0.3 * Q.output_error(w, rtn, h), (sym, act_order)
+
+
+def _autogptq_dequantize(qweight, qzeros, scales, g_idx, bits):
+  """[out, in] float32 weights of one GPTQ-layout linear, unpacked as AutoGPTQ's
+  reference kernel (qlinear_cuda_old) does: nibble k of word r of qweight is input
+  r * (32/bits) + k; qzeros hold zero - 1 along outputs; w = scale * (code - zero)."""
+  per, mask = 32 // bits, (1 << bits) - 1
+  words, zwords = qweight.view(np.uint32).astype(np.int64), qzeros.view(np.uint32).astype(np.int64)
+  codes = np.zeros((words.shape[0] * per, words.shape[1]), np.int64)
+  zeros = np.zeros((zwords.shape[0], zwords.shape[1] * per), np.int64)
+  for k in range(per):
+    codes[k::per] = (words >> (bits * k)) & mask
+    zeros[:, k::per] = (((zwords >> (bits * k)) & mask) + 1) & mask
+  return ((codes - zeros[g_idx]) * scales[g_idx].astype(np.float32)).T
+
+
+def test_gptq_layout_unpacks_to_the_quantized_weights(gptq_asym, dense, tmp_path):
+  import ml_dtypes
+  from safetensors.numpy import load_file
+  _, quantized, _ = gptq_asym
+  for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.k_proj"):
+    ql = quantized[name]
+    for sym in (False, True):
+      layer = ql if not sym else Q.rtn(ql.dequantize(), Q.QuantConfig(method="rtn"))
+      t = Q.gptq_tensors(name, layer, 4)
+      assert t[name + ".qweight"].shape == (layer.q.shape[1] // 8, layer.q.shape[0])
+      ours = _autogptq_dequantize(t[name + ".qweight"], t[name + ".qzeros"], t[name + ".scales"],
+                                  t[name + ".g_idx"], 4)
+      zero = 0 if layer.zero is None else np.repeat(layer.zero, 128, axis=1).astype(np.int64)
+      exact = ((layer.q - zero) * np.repeat(layer.scale.astype(np.float32), 128, axis=1))
+      np.testing.assert_array_equal(ours, exact)   # same codes, zeros and scales, exactly
+      # ... which compressed-tensors' bf16 dequantization rounds to our weights.
+      np.testing.assert_array_equal(ours.astype(ml_dtypes.bfloat16).astype(np.float32),
+                                    layer.dequantize())
+  # The folder: every linear in the GPTQ layout, the config says so, dense tensors stay.
+  cfg = Q.QuantConfig(method="rtn", format="gptq", dtype="float32")
+  quantized_rtn, _ = Q.quantize_folder(dense, tmp_path / "g", cfg)
+  state = load_file(str(tmp_path / "g" / "model.safetensors"))
+  config = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+  assert config["quant_method"] == "gptq" and config["bits"] == 4 and config["sym"]
+  assert {k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight")} == set(quantized_rtn)
+  assert "lm_head.weight" in state and not any(k.endswith("proj.weight") for k in state)
+  for name, ql in quantized_rtn.items():
+    w = _autogptq_dequantize(*(state[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales",
+                                                              "g_idx")), 4)
+    np.testing.assert_array_equal(w.astype(ml_dtypes.bfloat16).astype(np.float32),
+                                  ql.dequantize(), err_msg=name)
+  zero_group = Q.QuantizedLinear(np.zeros((8, 128), np.int8), np.ones((8, 1), ml_dtypes.bfloat16),
+                                 np.full((8, 1), -8, np.int8))
+  with pytest.raises(ValueError, match="zero point of 0"):
+    Q.gptq_tensors("x", zero_group, 4)
 
 
 def test_bad_inputs(dense, texts, tmp_path):

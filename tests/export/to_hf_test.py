@@ -126,6 +126,15 @@ def test_sentencepiece_tokenizer_exports_with_identical_ids(tmp_path):
   mismatched = [t for t in held if tok(t, add_special_tokens=False)["input_ids"] != sp.encode(t)]
   assert not mismatched, mismatched[:1]
   assert all(tok.decode(sp.encode(t)) == t for t in held)
+  # Next to a Qwen2 config.json (an exported model folder) transformers 5 swaps in
+  # Qwen2Tokenizer's byte-level pipeline; to_hf.load_tokenizer keeps the file's own.
+  from m2.model.config import ModelConfig
+  (tmp_path / "tok" / "config.json").write_text(json.dumps(
+      ModelConfig(vocab_size=600, num_layers=1, embed_dim=64, num_heads=1, num_kv_heads=1,
+                  head_dim=64, mlp_dim=128).to_hf_config()))
+  tok = to_hf.load_tokenizer(tmp_path / "tok")
+  assert all(tok(t, add_special_tokens=False)["input_ids"] == sp.encode(t) for t in held)
+  assert all(tok.decode(sp.encode(t)) == t for t in held) and tok.chat_template
 
 
 def test_export_stage_of_m2_main(trained_run):
@@ -135,11 +144,21 @@ def test_export_stage_of_m2_main(trained_run):
   c = tiny_export_config(os.path.join(os.path.dirname(trained_run), "cache"))
   c.stages = ("midtrain", "export")
   c.export = ml_collections.ConfigDict(dict(dtype="", quantize="rtn", calib_samples=16,
-                                            calib_seq_len=128))
+                                            calib_seq_len=128, quality_windows=4,
+                                            quality_eval_limit=2, quality_eval_max_new_tokens=8))
   results = main.run(c, trained_run)
   assert [(r.name, r.status) for r in results] == [("midtrain", "skipped"), ("export", "ran")]
   stage = os.path.join(trained_run, "export")
-  assert sorted(os.listdir(stage)) == ["DONE", "hf", "int4"]
+  assert {"DONE", "hf", "int4", "quality.json", "quality.txt"} <= set(os.listdir(stage))
+  # The quality table: dense reference, bf16 and RTN, with the eval score before and after.
+  rows = {r["method"]: r for r in json.load(open(os.path.join(stage, "quality.json")))["rows"]}
+  assert list(rows) == ["fp32", "bf16", "rtn"]
+  assert rows["fp32"]["kl"] == 0 and rows["rtn"]["kl"] > rows["bf16"]["kl"] >= 0
+  assert all(0 <= r["healthbench"] <= 1 and 0 <= r["same_response"] <= 1 for r in rows.values())
+  assert "HealthBench" in open(os.path.join(stage, "quality.txt")).read()
+  with open(os.path.join(stage, "metrics.jsonl")) as f:
+    final = json.loads(f.readlines()[-1])
+  assert final["ppl_int4"] == rows["rtn"]["ppl"] and final["kl_int4"] == rows["rtn"]["kl"]
   int4 = json.loads(open(os.path.join(stage, "int4", "config.json")).read())
   assert int4["quantization_config"]["format"] == "pack-quantized"
   assert results[1].metric == "weight_bytes" and results[1].value == os.path.getsize(
