@@ -6,7 +6,7 @@ r"""One command: an m2 run -> a folder to serve on one 24 GB consumer GPU.
 The folder holds
   target/     the int4 (W4A16, GPTQ, group 128) target, compressed-tensors pack-quantized
   draft/      a distilled 1-layer draft (bf16 safetensors) sharing the tokenizer
-  tokenizer.json, tokenizer_config.json   (also inside target/ and draft/)
+  tokenizer.json, tokenizer_config.json, tokenization_m2.py   (also in target/, draft/)
   serve.sh    vLLM and SGLang command lines (quantization, speculative decoding,
               max model length, fp8 KV cache) sized by the memory budget
   README.md   the memory budget, computed from the model config
@@ -187,15 +187,14 @@ def serve_script(plan: ServePlan, max_len: int) -> str:
 # Serve this bundle on one 24 GB GPU (RTX 4090, sm_89): int4 target + draft model.
 # max model length {max_len} comes from README.md's memory budget (batch {plan.batch}).
 # Usage: ./serve.sh vllm | ./serve.sh sglang     (port 8000)
-# The tokenizer comes from this folder, which has no config.json: next to a Qwen2 config,
-# transformers 5 would swap in Qwen2Tokenizer's byte-level rules (wrong for SentencePiece).
+# The tokenizer is target/'s own: its tokenizer_config.json's auto_map makes AutoTokenizer
+# read tokenizer.json as written (see export/to_hf.py write_tokenizer).
 set -euo pipefail
 DIR="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 ENGINE="${{1:-vllm}}"
 case "$ENGINE" in
   vllm)
     exec vllm serve "$DIR/target" \\
-      --tokenizer "$DIR" \\
       --quantization compressed-tensors \\
       --dtype bfloat16 \\
       --max-model-len {max_len} \\
@@ -208,7 +207,6 @@ case "$ENGINE" in
     ;;
   sglang)
     exec python -m sglang.launch_server --model-path "$DIR/target" \\
-      --tokenizer-path "$DIR" \\
       --quantization compressed-tensors \\
       --dtype bfloat16 \\
       --context-length {max_len} \\
@@ -281,7 +279,7 @@ def bundle(workdir: str, out: str, *, stage: str | None = None, overwrite: bool 
                                    eval_prompts=draft_eval_prompts)
     shutil.rmtree(dense)
     shutil.rmtree(tmp / ".draft_train", ignore_errors=True)
-    for f in to_hf.TOKENIZER_FILES:
+    for f in (*to_hf.TOKENIZER_FILES, to_hf.TOKENIZER_CODE):
       shutil.copy(tmp / "target" / f, tmp / f)
     hf = json.loads((tmp / "target" / "config.json").read_text())
     draft_hf = json.loads((tmp / "draft" / "config.json").read_text())

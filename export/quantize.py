@@ -623,8 +623,8 @@ def quantize_folder(src, out, cfg: QuantConfig, *, overwrite: bool = False,
     model = load_torch_model(src)
     calib = None
     if cfg.method == "gptq":
-      from export.to_hf import load_tokenizer
-      tok = load_tokenizer(src)
+      from transformers import AutoTokenizer
+      tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
       texts = calib_texts if calib_texts is not None else medical_texts("train")
       calib = token_windows(tok, texts, cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
     quantized = quantize_model(model, cfg, calib)
@@ -729,10 +729,10 @@ def quality_report(src, configs: dict[str, QuantConfig], *, held_windows: int = 
   """
   import torch
 
-  from export.to_hf import load_tokenizer
+  from transformers import AutoTokenizer
 
   src = pathlib.Path(src)
-  tok = load_tokenizer(src)
+  tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
   held = token_windows(tok, held_texts if held_texts is not None
                        else medical_texts("test1", data_dir=data_dir or None),
                        held_windows, seq_len, seed=1)

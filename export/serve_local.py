@@ -40,9 +40,9 @@ class ChatEngine:
   """Tokenizer + target (+ draft) and one lock: what the HTTP handler calls."""
 
   def __init__(self, model_dir, draft_dir=None, device: str = "cpu", name: str = "m2"):
-    from export.to_hf import load_tokenizer
+    from transformers import AutoTokenizer
 
-    self.tokenizer = load_tokenizer(model_dir)   # not AutoTokenizer: see load_tokenizer
+    self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     if not self.tokenizer.chat_template:
       raise ValueError(f"{model_dir}: tokenizer_config.json has no chat_template")
     self.model = load_causal_lm(model_dir, device)

@@ -5,8 +5,9 @@ r"""An m2 run's orbax checkpoint -> a transformers folder (Qwen2/Qwen3ForCausalL
 
 Writes config.json, model.safetensors (or shards + model.safetensors.index.json
 above --max_shard_bytes), generation_config.json and tokenizer files
-(tokenizer.json + tokenizer_config.json with the chat template) that
-`AutoTokenizer.from_pretrained` loads offline.
+(tokenizer.json, tokenizer_config.json with the chat template, and
+tokenization_m2.py) that `AutoTokenizer.from_pretrained` loads offline with
+exactly tokenizer.json's ids (see `write_tokenizer`), as vLLM and SGLang do.
 
 The checkpoint's own meta says the architecture and the tokenizer; the weights
 go through `m2/model/hf.py` (the one name map), one output shard at a time. The
@@ -30,6 +31,26 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# tokenizer_config.json's auto_map names this module's class (see write_tokenizer).
+TOKENIZER_CODE = "tokenization_m2.py"
+TOKENIZER_CLASS_REF = "tokenization_m2.M2Tokenizer"
+_TOKENIZER_CODE_TEXT = '''"""The tokenizer of an m2 export: tokenizer.json exactly as written.
+
+tokenizer_config.json's auto_map names this class so that AutoTokenizer does not
+swap in the model type's tokenizer class (Qwen2Tokenizer rebuilds the normaliser
+and pre-tokeniser, which changes the ids of a SentencePiece vocabulary). With
+trust_remote_code=True transformers loads this class; without it, the plain fast
+tokenizer of tokenizer_class. Both read tokenizer.json unchanged.
+"""
+
+from transformers import PreTrainedTokenizerFast
+
+
+class M2Tokenizer(PreTrainedTokenizerFast):
+  # No __init__ of its own: transformers then builds the backend from tokenizer.json
+  # as is (a class with its own __init__ is rebuilt from the vocabulary and merges).
+  pass
+'''
 
 
 # --- reading a run --------------------------------------------------------------
@@ -109,11 +130,22 @@ def read_checkpoint(stage_dir, step: int | None = None):
 
 def write_tokenizer(tokenizer, out_dir, *, chat_template: str | None = None,
                     model_max_length: int = 32768) -> dict:
-  """Writes tokenizer.json + tokenizer_config.json for an m2 tokenizer.
+  """Writes tokenizer.json, tokenizer_config.json and tokenization_m2.py.
 
   Byte and SentencePiece tokenizers become equivalent `tokenizers` BPE models;
   an HF tokenizer folder is copied. Returns the special-token ids:
   {"bos": .., "eos": .., "pad": .., "stop": [..]}.
+
+  `AutoTokenizer` must read tokenizer.json as written, but transformers 5 maps
+  model_type "qwen2" (config.json) to Qwen2Tokenizer whatever tokenizer_class
+  says (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS in tokenization_auto.py), and
+  Qwen2Tokenizer swaps in Qwen's NFC + byte-level rules: wrong ids for a
+  SentencePiece vocabulary, and for non-NFC text with the byte tokenizer. An
+  "auto_map" entry in tokenizer_config.json skips that override: without
+  trust_remote_code, transformers 5 then ignores the auto_map for qwen2 and
+  loads tokenizer_class (PreTrainedTokenizerFast = TokenizersBackend, the file
+  as is); with it, the auto_map's class, a plain subclass of the same (written
+  to tokenization_m2.py). transformers 4 loads either unchanged too.
   """
   from m2.data import tokenizers as toks
   from m2.data.chat import CHAT_TEMPLATE, IM_END
@@ -150,6 +182,9 @@ def write_tokenizer(tokenizer, out_dir, *, chat_template: str | None = None,
         "add_bos_token": False, "add_eos_token": False,
         "chat_template": chat_template,
     }
+  if "auto_map" not in config:   # a copied folder's own auto_map (its code) stays as it was
+    config["auto_map"] = {"AutoTokenizer": [TOKENIZER_CLASS_REF, TOKENIZER_CLASS_REF]}
+    (out / TOKENIZER_CODE).write_text(_TOKENIZER_CODE_TEXT)
   (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
   ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
   stop = [tokenizer.eos_id]
@@ -158,19 +193,6 @@ def write_tokenizer(tokenizer, out_dir, *, chat_template: str | None = None,
     stop.append(im_end)
   ids["stop"] = stop
   return ids
-
-
-def load_tokenizer(folder):
-  """The exported folder's tokenizer exactly as tokenizer.json defines it.
-
-  Use this, not `AutoTokenizer`, for SentencePiece exports: transformers 5
-  maps model_type "qwen2" to `Qwen2Tokenizer`, which keeps the vocabulary and
-  merges of tokenizer.json but replaces its normaliser and pre-tokeniser with
-  Qwen's byte-level ones, so a SentencePiece vocabulary ("▁" for spaces)
-  tokenises differently from m2 (byte-level exports are unaffected).
-  """
-  from transformers import PreTrainedTokenizerFast
-  return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
 
 
 def _byte_backend(tokenizer):

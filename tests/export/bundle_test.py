@@ -26,25 +26,27 @@ def bundled(trained_run, tmp_path_factory):
 
 def test_bundle_folder(bundled):
   names = set(os.listdir(bundled))
-  assert {"target", "draft", "tokenizer.json", "tokenizer_config.json", "serve.sh",
-          "README.md", "budget.json"} <= names
+  assert {"target", "draft", "tokenizer.json", "tokenizer_config.json", to_hf.TOKENIZER_CODE,
+          "serve.sh", "README.md", "budget.json"} <= names
   assert not [n for n in names if n.startswith(".")]
-  # The folder serve.sh names as the tokenizer: AutoTokenizer keeps tokenizer.json's rules
-  # there (no config.json to map it to Qwen2Tokenizer).
+  # vLLM and SGLang read target/'s tokenizer with AutoTokenizer: m2's ids, even for text
+  # that Qwen2Tokenizer's NFC would change (a decomposed accent).
   from transformers import AutoTokenizer
-  assert "config.json" not in names
-  tok = AutoTokenizer.from_pretrained(str(bundled), local_files_only=True)
-  text = "Patient: I've had a fever since Tuesday."
-  assert tok(text, add_special_tokens=False)["input_ids"] == to_hf.load_tokenizer(
-      bundled / "target")(text, add_special_tokens=False)["input_ids"]
+
+  from m2.data.tokenizers import ByteTokenizer
+  text = "Patient: I've had a fever since Tuesday, cafe\u0301."
+  for folder in (bundled / "target", bundled / "draft", bundled):
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                        trust_remote_code=False)
+    assert tok(text, add_special_tokens=False)["input_ids"] == ByteTokenizer().encode(text)
   target = json.loads((bundled / "target" / "config.json").read_text())
   assert target["quantization_config"]["format"] == "pack-quantized"
   draft = json.loads((bundled / "draft" / "config.json").read_text())
   assert draft["num_hidden_layers"] == 1 and draft["vocab_size"] == target["vocab_size"]
   script = (bundled / "serve.sh").read_text()
   assert os.access(bundled / "serve.sh", os.X_OK)
-  for needle in ("vllm serve", '--tokenizer "$DIR"', '--tokenizer-path "$DIR"',
-                 "--quantization compressed-tensors", "--kv-cache-dtype fp8",
+  assert "--tokenizer" not in script   # the target folder's own tokenizer serves
+  for needle in ("vllm serve", "--quantization compressed-tensors", "--kv-cache-dtype fp8",
                  "--speculative-config", "sglang.launch_server", "--speculative-draft-model-path",
                  "--max-model-len", "--context-length"):
     assert needle in script, needle

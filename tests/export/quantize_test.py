@@ -91,7 +91,8 @@ def test_gptq_folder_decompresses_bit_exactly_and_logits_match(gptq_asym):
 
 
 def _tok(folder):
-  return to_hf.load_tokenizer(folder)
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 def test_rtn_export_equals_m2_fake_quant_forward(trained_run, dense, tmp_path):
@@ -122,7 +123,7 @@ def test_rtn_export_equals_m2_fake_quant_forward(trained_run, dense, tmp_path):
 
 def test_gptq_beats_rtn_on_held_out_layer_outputs(dense, texts, gptq_asym):
   _, gptq_layers, _ = gptq_asym
-  tok = to_hf.load_tokenizer(dense)
+  tok = _tok(dense)
   held = Q.token_windows(tok, texts["held"], 16, 128, seed=1)
   model = Q.load_torch_model(dense)
   hessians = Q.input_hessians(model, held)

@@ -18,7 +18,7 @@ def test_folder_loads_offline_with_tokenizer_and_chat_template(exported):
 
   names = sorted(os.listdir(exported))
   assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-          "tokenizer_config.json"} <= set(names)
+          "tokenizer_config.json", to_hf.TOKENIZER_CODE} <= set(names)
   assert not [n for n in os.listdir(exported.parent) if n.startswith(".model.tmp")]
   config = json.loads((exported / "config.json").read_text())
   assert config["architectures"] == ["Qwen2ForCausalLM"] and config["num_hidden_layers"] == 2
@@ -26,7 +26,8 @@ def test_folder_loads_offline_with_tokenizer_and_chat_template(exported):
   assert generation["eos_token_id"] == [2] and generation["pad_token_id"] == 0
   tok = AutoTokenizer.from_pretrained(str(exported), local_files_only=True)
   ours = ByteTokenizer()
-  for text in TEXTS + ["ünïcode 肺炎 ✓"]:
+  # Decomposed accents and the angstrom sign: Qwen2Tokenizer's NFC would change their bytes.
+  for text in TEXTS + ["ünïcode 肺炎 ✓", "cafe\u0301 1 \u212b"]:
     assert tok(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
     assert tok.decode(ours.encode(text)) == text
   chat = [{"role": "user", "content": "I have a cough."}]
@@ -113,28 +114,47 @@ def test_bad_inputs_get_clear_errors_and_leave_nothing(trained_run, tmp_path, mo
   assert "keep.txt" not in os.listdir(out) and (out / "config.json").is_file()
 
 
-def test_sentencepiece_tokenizer_exports_with_identical_ids(tmp_path):
+def test_sentencepiece_export_loads_with_autotokenizer_as_m2_tokenises(tmp_path):
+  """AutoTokenizer on an exported SentencePiece folder (as vLLM and SGLang call it)
+  gives m2's ids and chat prompt, next to a Qwen2 or Qwen3 config.json or none."""
   from transformers import AutoTokenizer
 
-  from m2.data import tokenizers
   from export.quantize import medical_texts
-  docs = medical_texts("train", limit=300)
-  sp = tokenizers.train_sentencepiece(docs, str(tmp_path / "sp.model"), vocab_size=600)
-  to_hf.write_tokenizer(sp, tmp_path / "tok")
-  tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"), local_files_only=True)
-  held = medical_texts("test1", limit=40) + ["  two  spaces, digits 12345 and <|im_end|> ✓"]
-  mismatched = [t for t in held if tok(t, add_special_tokens=False)["input_ids"] != sp.encode(t)]
-  assert not mismatched, mismatched[:1]
-  assert all(tok.decode(sp.encode(t)) == t for t in held)
-  # Next to a Qwen2 config.json (an exported model folder) transformers 5 swaps in
-  # Qwen2Tokenizer's byte-level pipeline; to_hf.load_tokenizer keeps the file's own.
+  from m2.data import tokenizers
+  from m2.data.chat import ChatFormat
   from m2.model.config import ModelConfig
-  (tmp_path / "tok" / "config.json").write_text(json.dumps(
-      ModelConfig(vocab_size=600, num_layers=1, embed_dim=64, num_heads=1, num_kv_heads=1,
-                  head_dim=64, mlp_dim=128).to_hf_config()))
-  tok = to_hf.load_tokenizer(tmp_path / "tok")
-  assert all(tok(t, add_special_tokens=False)["input_ids"] == sp.encode(t) for t in held)
-  assert all(tok.decode(sp.encode(t)) == t for t in held) and tok.chat_template
+  sp = tokenizers.train_sentencepiece(medical_texts("train", limit=300),
+                                      str(tmp_path / "sp.model"), vocab_size=600)
+  folder = tmp_path / "tok"
+  to_hf.write_tokenizer(sp, folder)
+  held = medical_texts("test1", limit=40) + ["  two  spaces, digits 12345 and <|im_end|> ✓",
+                                             "cafe\u0301 \u212b"]
+  chat = [{"role": "system", "content": "You are a careful clinician."},
+          {"role": "user", "content": held[0]}]
+  m2_prompt = ChatFormat(sp).prompt(chat).ids.tolist()
+  engines = {"plain": {}, "vllm": dict(trust_remote_code=False, revision=None, cache_dir=None,
+                                       truncation_side="left"),
+             "sglang": dict(trust_remote_code=False, tokenizer_revision=None,
+                            clean_up_tokenization_spaces=False),
+             "remote_code": dict(trust_remote_code=True)}
+  model = dict(vocab_size=600, num_layers=1, embed_dim=64, num_heads=1, num_kv_heads=1,
+               head_dim=64, mlp_dim=128)
+  # transformers 5 maps model_type qwen2 to Qwen2Tokenizer (byte-level rules, wrong on
+  # every one of these texts) unless the export's auto_map stops it.
+  for family in (None, "qwen2", "qwen3"):
+    if family:
+      (folder / "config.json").write_text(json.dumps(
+          ModelConfig(**model, family=family).to_hf_config()))
+    for engine, kw in engines.items():
+      tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kw)
+      where = (family, engine, type(tok).__name__)
+      wrong = [t for t in held if tok(t, add_special_tokens=False)["input_ids"] != sp.encode(t)]
+      assert not wrong, (where, wrong[:1])
+      assert all(tok.decode(sp.encode(t)) == t for t in held), where
+      ids = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                    return_dict=False)
+      assert list(ids) == m2_prompt, where
+      assert (tok.eos_token_id, tok.pad_token_id) == (sp.eos_id, sp.pad_id), where
 
 
 def test_export_stage_of_m2_main(trained_run):
