@@ -4,14 +4,18 @@ r"""Runs the stages an experiment config lists, in order, in one workdir.
   python -m m2.main --config=configs/tiny.py --workdir=runs/tiny --stages=midtrain \
       --config.midtrain.train.steps=50
 
-Stages: `midtrain` (LM loss on the medical/general/math mix, held-out loss
-every `eval_every` steps) and `sft` (assistant-only loss on doctor turns).
+Stages (config.stages, in order): `midtrain` (LM loss on the medical/general/math
+mix, held-out loss every `eval_every` steps), `sft` (assistant-only loss on doctor
+turns), the RL stages of m2/rl/stages.py (`sft_rs`, `rl_rule`, `rl_rubric`,
+`rl_multiturn`), `eval` (HealthBench + held-out consultations, before and after
+RL, m2/eval/stage.py) and `export` (HF safetensors + int4, export/stage.py).
 Each stage writes `workdir/<stage>/`: checkpoints, metrics.jsonl, TensorBoard
-events, data.json (what the de-identified data held) and, for midtrain,
-mix.json (the realised token mix). A finished stage is skipped, an interrupted
-one resumes from its last checkpoint (data iterator included), and a stage
-starts from the weights the previous stage ended with (or
-`config.model.hf_checkpoint`).
+events, DONE (headline metric, wall and CPU seconds) and its own outputs. A
+finished stage is skipped, an interrupted one resumes from its last checkpoint
+(data iterator included), and a stage starts from the weights the previous stage
+ended with (or `config.model.hf_checkpoint`). At the end the run prints a summary
+(each stage's status, wall and CPU time, headline metric), the eval stage's
+before/after table and the exported bundle's path.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from m2.model.config import model_config_from
 from m2.rl import stages as rl_stages
 from m2.train.loop import TrainConfig
 
-log = logging.getLogger(__name__)
+# Not __name__: under `python -m m2.main` that is "__main__", outside the "m2" logger
+# whose INFO level main() turns on (the data tables and skip notices would be lost).
+log = logging.getLogger("m2.main")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -51,10 +57,11 @@ _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_I
 class StageResult:
   name: str
   status: str            # "ran", "resumed", "skipped"
-  wall_s: float
+  wall_s: float          # this run's time; a skipped stage: the time it took when it ran
   metric: str            # headline metric name
   value: float | None
   params: object = None  # the weights the stage ended with, for the next stage
+  cpu_s: float | None = None  # process CPU time (all threads); wall >> cpu: a busy machine
 
 
 def _initial_params(config, model_cfg, mesh_cfg):
@@ -258,6 +265,27 @@ run_export.passes_params_through = True
 STAGES["export"] = run_export
 
 
+def _ensure_metrics(stage_dir: str, result, metric: str, value) -> None:
+  """Every stage directory gets metrics.jsonl + TensorBoard events: a stage that logs
+  none itself (export) gets its final scalars (else its headline) as step 1."""
+  from m2.train.metrics import MetricsWriter
+  if os.path.exists(os.path.join(stage_dir, "metrics.jsonl")):
+    return
+  final = dict(getattr(result, "final_metrics", None) or {})
+  if not final and value is not None:
+    final = {metric: value}
+  scalars = {k: float(v) for k, v in final.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+  if not scalars:
+    log.warning("stage %s logged no scalar metrics", os.path.basename(stage_dir))
+    return
+  writer = MetricsWriter(stage_dir)
+  try:
+    writer.write(1, scalars)
+  finally:
+    writer.close()
+
+
 def run(config, workdir: str, stages: list[str] | None = None) -> list[StageResult]:
   from m2.train.loop import MeshConfig, TrainConfig, restore_params
 
@@ -275,12 +303,13 @@ def run(config, workdir: str, stages: list[str] | None = None) -> list[StageResu
   for name in config.stages:
     stage_dir = os.path.join(workdir, name)
     done_file = os.path.join(stage_dir, "DONE")
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     if os.path.exists(done_file):
       if name in selected:
         with open(done_file) as f:
           done = json.load(f)
-        results.append(StageResult(name, "skipped", 0.0, done["metric"], done["value"]))
+        results.append(StageResult(name, "skipped", done.get("wall_s", 0.0), done["metric"],
+                                   done["value"], cpu_s=done.get("cpu_s")))
         log.info("stage %s already complete; skipping", name)
       # A finished stage hands its weights to the next stage that runs (also under
       # --stages=); stages that do not train (eval, export) pass them through.
@@ -295,21 +324,51 @@ def run(config, workdir: str, stages: list[str] | None = None) -> list[StageResu
       finished = None
     result, metric, value = STAGES[name](config, stage_dir, model_cfg, mesh_cfg, params)
     params = result.state.params
+    _ensure_metrics(stage_dir, result, metric, value)
     status = "resumed" if result.resumed_from is not None else "ran"
+    wall, cpu = time.time() - start, time.process_time() - cpu_start
     with open(done_file, "w") as f:
-      json.dump({"metric": metric, "value": value, "wall_s": time.time() - start}, f)
-    results.append(StageResult(name, status, time.time() - start, metric, value, params))
+      json.dump({"metric": metric, "value": value, "wall_s": wall, "cpu_s": cpu}, f)
+    results.append(StageResult(name, status, wall, metric, value, params, cpu))
   return results
 
 
+def _format_value(metric: str, value) -> str:
+  if value is None:
+    return "-"
+  if metric.endswith("_bytes"):
+    return f"{value / 2**20:.1f} MiB"
+  if float(value).is_integer() and abs(value) >= 1000:
+    return f"{int(value):,}"
+  return f"{value:.4f}"
+
+
+def _format_time(seconds: float | None) -> str:
+  if seconds is None:
+    return "-"
+  return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:04.1f} s"
+
+
 def summary_table(results: list[StageResult]) -> str:
-  rows = [("stage", "status", "wall time", "metric", "value")]
+  """Stage, status, wall and CPU time, headline metric. A skipped stage shows the times
+  it took when it ran; the total counts this run's stages only."""
+  rows = [("stage", "status", "wall time", "cpu time", "metric", "value")]
   for r in results:
-    value = "-" if r.value is None else f"{r.value:.4f}"
-    rows.append((r.name, r.status, f"{r.wall_s:.1f} s", r.metric, value))
+    rows.append((r.name, r.status, _format_time(r.wall_s), _format_time(r.cpu_s), r.metric,
+                 _format_value(r.metric, r.value)))
+  ran = [r for r in results if r.status != "skipped"]
+  if ran:
+    cpu = None if any(r.cpu_s is None for r in ran) else sum(r.cpu_s for r in ran)
+    rows.append(("total", f"{len(ran)} run", _format_time(sum(r.wall_s for r in ran)),
+                 _format_time(cpu), "", ""))
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-  lines.insert(1, "  ".join("-" * w for w in widths))
+  right = (2, 3, 5)   # times and values line up on the right
+  lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w)
+                     for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+  rule = "  ".join("-" * w for w in widths)
+  lines.insert(1, rule)
+  if ran:
+    lines.insert(len(lines) - 1, rule)
   return "\n".join(lines)
 
 
@@ -327,6 +386,8 @@ def main(argv):
   results = run(_CONFIG.value, _WORKDIR.value, _STAGES.value)
   print()
   print(summary_table(results))
+  if any(r.status == "skipped" for r in results):
+    print("(skipped: finished by an earlier run; its times are that run's)")
   table = eval_stage.comparison_table(_WORKDIR.value)
   if table:
     print("\neval scores before / after RL:\n" + table)

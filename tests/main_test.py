@@ -97,6 +97,52 @@ def test_sft_starts_from_midtrain_weights_and_trains_on_doctor_turns(tmp_path, c
   assert [(r.name, r.status) for r in again] == [("sft", "skipped")]
 
 
+def test_a_stage_that_logs_nothing_gets_metrics_and_the_summary_shows_its_times(
+    tmp_path, cache, monkeypatch):
+  """Every stage directory ends with metrics.jsonl + TensorBoard events (export logs
+  none itself); DONE keeps wall and CPU time, which a later skip reports."""
+  import types
+
+  def quiet_stage(config, workdir, model_cfg, mesh_cfg, params):
+    os.makedirs(workdir, exist_ok=True)
+    result = types.SimpleNamespace(state=types.SimpleNamespace(params=params),
+                                   resumed_from=None,
+                                   final_metrics={"weight_bytes": 3 * 2**20, "ppl": 12.5,
+                                                  "note": "text is not a scalar"})
+    return result, "weight_bytes", 3 * 2**20
+
+  monkeypatch.setitem(main.STAGES, "quiet", quiet_stage)
+  c = tiny_config(cache)
+  c.stages = ("quiet",)
+  results = main.run(c, str(tmp_path))
+  rows = [json.loads(l) for l in (tmp_path / "quiet" / "metrics.jsonl").read_text().splitlines()]
+  assert rows == [{"step": 1, "weight_bytes": 3 * 2**20, "ppl": 12.5}]
+  assert os.listdir(tmp_path / "quiet" / "tb")
+  done = json.loads((tmp_path / "quiet" / "DONE").read_text())
+  assert done["wall_s"] >= done["cpu_s"] >= 0 and done["wall_s"] == results[0].wall_s
+  table = main.summary_table(results)
+  assert "3.0 MiB" in table and "total" in table and "cpu time" in table
+  again = main.run(c, str(tmp_path))
+  assert [(r.status, r.wall_s, r.cpu_s) for r in again] == [
+      ("skipped", done["wall_s"], done["cpu_s"])]
+  assert "total" not in main.summary_table(again)   # nothing ran this time
+
+
+def test_summary_table_lines_up_times_and_values():
+  results = [main.StageResult("midtrain", "skipped", 457.1, "eval_loss", 4.2309, cpu_s=414.0),
+             main.StageResult("rl_rule", "resumed", 61.0, "reward_last10", 0.3336, cpu_s=40.5),
+             main.StageResult("eval", "ran", 104.5, "healthbench_after", None, cpu_s=57.0)]
+  lines = main.summary_table(results).splitlines()
+  assert lines[0].split() == ["stage", "status", "wall", "time", "cpu", "time", "metric",
+                              "value"]
+  assert "7 min 37.1 s" in lines[2] and "6 min 54.0 s" in lines[2] and "4.2309" in lines[2]
+  assert lines[4].endswith("-")                      # no value: a dash, not "None"
+  # The total counts this run's stages only (the skipped one ran earlier).
+  assert lines[-1].split()[:3] == ["total", "2", "run"] and "2 min 45.5 s" in lines[-1]
+  assert lines[-1].rstrip().endswith("1 min 37.5 s")
+  assert len({len(l) for l in lines[:2]}) == 1       # header and rule have one width
+
+
 def test_unknown_config_field_is_named(tmp_path, cache):
   c = tiny_config(cache)
   c.midtrain.train.unlock()
@@ -179,3 +225,24 @@ def test_pipeline_starts_from_a_local_hf_checkpoint_on_a_mesh(tmp_path, cache):
   assert trained["embed"][...].shape == (512, 32)  # the checkpoint's shape, not the config's
   delta = abs(trained["embed"][...] - start.embed[...]).max()
   assert 0 < delta < 0.01                          # a few small steps from the imported weights
+
+
+def test_command_line_prints_the_summary_and_logs_skips(tmp_path):
+  """`python -m m2.main` on a workdir whose stages are done: m2.main's own log lines
+  (under `-m` its module is __main__) and the summary reach the user."""
+  import subprocess
+  import sys
+  for name, metric, value in (("midtrain", "eval_loss", 4.25), ("sft", "eval_loss", 5.5)):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "DONE").write_text(json.dumps(
+        {"metric": metric, "value": value, "wall_s": 75.0, "cpu_s": 60.0}))
+  proc = subprocess.run(
+      [sys.executable, "-m", "m2.main", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+       "--config.stages=('midtrain', 'sft')"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "stage midtrain already complete; skipping" in proc.stderr
+  lines = proc.stdout.splitlines()
+  row = next(l for l in lines if l.startswith("midtrain"))
+  assert row.split()[1] == "skipped" and "1 min 15.0 s" in row and row.endswith("4.2500")
+  assert any(l.startswith("sft ") for l in lines) and "earlier run" in proc.stdout

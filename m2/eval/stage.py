@@ -173,6 +173,8 @@ def _evaluate_side(roles: dict, params, cfg: EvalConfig, out_dir: str, examples,
 
 def run_eval(config, workdir: str, model_cfg, mesh_cfg, init_params):
   """`eval` stage: (result, "healthbench_after" or "consult_accuracy_after", value)."""
+  from tqdm.auto import tqdm
+
   from m2 import configlib
   from m2.data import pipelines
   from m2.eval import consult, healthbench
@@ -226,6 +228,9 @@ def run_eval(config, workdir: str, model_cfg, mesh_cfg, init_params):
                                         sampler=roles["policy"].sampler)
   reports = {}
   writer = MetricsWriter(workdir)
+  # The stage's own bar (shown in logs too): one tick per side, its scores as they land.
+  bar = tqdm(total=len(sides), desc="eval", dynamic_ncols=True, disable=False)
+  postfix = {}
   try:
     for step, (side, policy) in enumerate(sides.items()):
       if policy.model_cfg != model_cfg:
@@ -245,7 +250,14 @@ def run_eval(config, workdir: str, model_cfg, mesh_cfg, init_params):
         if c["rubric"]:
           scalars["consult_rubric_score"] = c["rubric"]["rubric_score"]["mean"]
       writer.write(step if len(sides) == 2 else 1, scalars)
+      if "healthbench_score" in scalars:
+        postfix[f"healthbench_{side}"] = f"{scalars['healthbench_score']:.3f}"
+      if "consult_diagnostic_accuracy" in scalars:
+        postfix[f"dx_acc_{side}"] = f"{scalars['consult_diagnostic_accuracy']:.3f}"
+      bar.set_postfix(postfix)
+      bar.update(1)
   finally:
+    bar.close()
     writer.close()
   rows = comparison(reports)
   labels = {"before": f"before ({before})" if "before" in sides else "before",

@@ -41,6 +41,16 @@ def _is_reward_part(key: str) -> bool:
   return "reward" in k and not _is_reward(key) and not re.search(r"(^|[/_])(std|min|max)$", k)
 
 
+def _is_length(key: str) -> bool:
+  # Response/completion lengths ("response_length", "response_tokens", TRL's
+  # "completions/mean_length") or a bare "length"; not limits such as
+  # "rollout/clipped_to_seq_len" nor shaping terms ("reward/length", claimed above).
+  k = _name(key)
+  if re.search(r"response|completion", k) and re.search(r"length|len($|[/_])|tokens", k):
+    return True
+  return re.search(r"(^|/)(mean_)?(length|len)(/mean)?$", k) is not None
+
+
 def _is_clip(key: str) -> bool:
   k = _name(key)
   return "clip" in k and ("frac" in k or "ratio" in k) and "norm" not in k
@@ -51,7 +61,7 @@ FAMILIES: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("loss", lambda k: "loss" in _name(k)),
     ("reward", _is_reward),
     ("reward parts", _is_reward_part),
-    ("response length", lambda k: re.search(r"(length|_len$|^len)", _name(k)) is not None),
+    ("response length", _is_length),
     ("entropy", lambda k: "entropy" in _name(k)),
     ("clip fraction", _is_clip),
 )
@@ -152,7 +162,8 @@ def plot_stage(stage: str, rows: Sequence[dict], path: str) -> StagePlot:
   for ax in list(axes.flat)[len(panels):]:
     ax.set_visible(False)
   fig.suptitle(stage)
-  fig.tight_layout()
+  # Room for the title above the first row (0.3 in), whatever the figure's height.
+  fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=90)
   plt.close(fig)

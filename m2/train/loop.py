@@ -134,8 +134,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, datase
     writer.write(0, {"eval_loss": evaluate(state.params)})
   first = step
   final: dict[str, float] = {}
+  # Shown also when stderr is not a terminal (`| tee run.log`, batch jobs): the bar is
+  # the stage's progress report.
   bar = tqdm(total=cfg.steps, initial=step, desc=os.path.basename(workdir) or "train",
-             dynamic_ncols=True, disable=None)
+             dynamic_ncols=True, disable=False)
   tokens_per_step = cfg.batch_size * cfg.seq_len
   last_log, eval_s = (time.time(), step), 0.0
   try:

@@ -49,6 +49,13 @@ def test_families_are_found_by_key_name():
   assert missing == []
   _, missing = plot.group(["loss"])
   assert missing == ["reward", "reward parts", "response length", "entropy", "clip fraction"]
+  # The names m2's GRPO stages log: a sequence-length limit counter is no response length.
+  panels, missing = plot.group(["reward_mean", "reward/length", "response_tokens",
+                                "rollout/clipped_to_seq_len", "clip_frac_high", "clip_frac_low",
+                                "entropy", "pg_loss"])
+  assert panels["response length"] == ["response_tokens"] and missing == []
+  assert panels["reward parts"] == ["reward/length"]
+  assert panels["rollout/clipped_to_seq_len"] == ["rollout/clipped_to_seq_len"]
 
 
 def test_plot_run_draws_every_stage_in_pipeline_order(workdir):
