@@ -195,14 +195,6 @@ def dynamic_length_reward(scores, lengths, group_size: int, cfg: LengthRewardCon
 # ---------------------------------------------------------------- the loss
 
 
-def token_logprobs(logits: jax.Array, targets: jax.Array):
-  """(log p(target) [B, T], entropy [B, T]) from fp32 logits [B, T, V]."""
-  logp_all = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
-  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-  return logp, entropy
-
-
 def aggregate(values: jax.Array, mask: jax.Array, mode: str, norm_tokens: int = 0) -> jax.Array:
   """Reduces per-token values [B, T] over `mask` as `loss_agg_mode` says.
 
@@ -308,8 +300,8 @@ def grpo_loss(model, batch: Mapping[str, jax.Array], cfg: GRPOConfig):
   segments, loss_mask, advantages, sampler_logp, and optionally old_logp and
   ref_logp.
   """
-  logits, _ = model(batch["inputs"], batch["positions"], batch["segments"])
-  logp, entropy = token_logprobs(logits, batch["targets"])
+  hidden, _ = model(batch["inputs"], batch["positions"], batch["segments"], return_hidden=True)
+  logp, entropy = model.target_logprobs(hidden, batch["targets"])
   loss, metrics = policy_loss(
       logp, batch["advantages"], batch["loss_mask"], cfg, old_logp=batch.get("old_logp"),
       sampler_logp=batch.get("sampler_logp"), ref_logp=batch.get("ref_logp"),
@@ -320,4 +312,4 @@ def grpo_loss(model, batch: Mapping[str, jax.Array], cfg: GRPOConfig):
 
 __all__ = ["GRPOConfig", "LOSS_AGG_MODES", "LengthRewardConfig", "aggregate",
            "dynamic_length_reward", "group_advantages", "grpo_loss", "informative_groups",
-           "overlong_penalty", "policy_loss", "token_logprobs"]
+           "overlong_penalty", "policy_loss"]

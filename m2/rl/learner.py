@@ -25,7 +25,7 @@ from flax import nnx
 
 from m2 import parallel
 from m2.model import ModelConfig, Transformer
-from m2.rl.grpo import GRPOConfig, grpo_loss, token_logprobs
+from m2.rl.grpo import GRPOConfig, grpo_loss
 from m2.train.checkpoint import to_arrays
 from m2.train.optimizer import OptimizerConfig, make_optimizer
 from m2.train.state import abstract_train_state, init_train_state, make_train_step
@@ -160,8 +160,8 @@ class GRPOLearner:
 
   def _token_logp(self, params, batch):
     model = nnx.merge(self.graphdef, params)
-    logits, _ = model(batch["inputs"], batch["positions"], batch["segments"])
-    return token_logprobs(logits, batch["targets"])[0]
+    hidden, _ = model(batch["inputs"], batch["positions"], batch["segments"], return_hidden=True)
+    return model.target_logprobs(hidden, batch["targets"])[0]
 
   def _place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     rows = next(iter(batch.values())).shape[0]
@@ -173,11 +173,23 @@ class GRPOLearner:
 
   def update(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """`cfg.num_minibatches` optimizer steps on a `learner_batch`; returns the
-    device metrics of the last one."""
+    device metrics of the last one that ran, plus `empty_minibatches`.
+
+    A minibatch without a trained token (all padding: a batch rounded up to
+    whole minibatches, or dynamic sampling that kept few groups) is skipped:
+    its gradient is zero, but AdamW would still apply weight decay and the
+    momentum of earlier steps, moving the policy on no data.
+    """
     k = self.cfg.num_minibatches
     rows = batch["inputs"].shape[0]
     if rows % k:
       raise ValueError(f"learner batch of {rows} rows does not split into num_minibatches={k}")
+    size = rows // k
+    tokens = np.asarray(batch["loss_mask"]).reshape(k, size, -1).sum(axis=(1, 2))
+    live = [i for i in range(k) if tokens[i] > 0]
+    skipped = {"empty_minibatches": float(k - len(live))}
+    if not live:
+      return skipped
     placed = self._place(batch)
     extra = {}
     with parallel.sharding_context(self.mesh, self.rules):
@@ -188,14 +200,13 @@ class GRPOLearner:
         extra["old_logp"] = self._logp(self.state.params, placed)
     if k == 1:
       self.state, metrics = self._step(self.state, {**placed, **extra})
-      return metrics
+      return {**metrics, **skipped}
     # Minibatches are cut on the host: the old log-probs are small ([B, T] floats).
     host = {**batch, **{n: np.asarray(jax.device_get(v)) for n, v in extra.items()}}
-    size = rows // k
-    for i in range(k):
+    for i in live:
       mini = {n: v[i * size:(i + 1) * size] for n, v in host.items()}
       self.state, metrics = self._step(self.state, self._place(mini))
-    return metrics
+    return {**metrics, **skipped}
 
 
 def place_params(params: nnx.State, shardings) -> nnx.State:

@@ -29,7 +29,8 @@ class RewardConfig:
   """config.<stage>.reward: weights of the reward's parts.
 
   correct: exact match of the extracted answer (rule stages).
-  rubric:  the grader's rubric score in [0, 1] (rubric / multi-turn stages).
+  rubric:  the grader's per-example rubric score (rubric / multi-turn stages): achieved /
+           possible points, at most 1, below 0 when negative criteria are met.
   format:  rule tasks: 0.5 for a readable answer + 0.5 for ending by itself (not
            truncated); open tasks: ended by itself with some text.
   safety:  minus the number of unsafe-advice patterns found (capped at 1).

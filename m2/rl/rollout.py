@@ -3,9 +3,9 @@
 - `single_turn`: G samples per prompt in one batched `Sampler.generate` call.
 - `multi_turn`: the policy plays the doctor in verifier `Consultation`
   environments until each one's Termination Gate ends it (or a turn limit);
-  every turn is one batched call over the consultations still open, continuing
-  each conversation's KV cache. Only the doctor's sampled tokens have loss
-  mask 1; patient and measurement turns are masked out.
+  every turn is one batched call over the consultations still open, with the
+  whole history as the prompt (prefilled again each turn). Only the doctor's
+  sampled tokens have loss mask 1; patient and measurement turns are masked out.
 
 Nothing is dropped silently: truncated responses, consultations that hit the
 turn limit or the cache, and judge failures are counted in `RolloutStats`.
@@ -133,8 +133,8 @@ def consultations(sampler: Sampler, params, env, cases: Sequence[Any], fmt,
   history as the prompt. The policy's tokens get mask 1 (`append_completion`);
   the patient's and measurement turns mask 0 (`append_messages`). An episode
   ends when the Termination Gate says so ("gate"), after `max_turns` doctor
-  turns ("turn_limit"), on an empty doctor turn ("empty_turn"), or when the next turn would pass `max_length` tokens
-  ("length"); each ending is counted.
+  turns ("turn_limit"), on an empty doctor turn ("empty_turn"), or when the next
+  turn would pass `max_length` tokens ("length"); each ending is counted.
   """
   from m2.data.records import Message
   stats = stats if stats is not None else RolloutStats()

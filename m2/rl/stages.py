@@ -13,8 +13,10 @@ init_params) -> (TrainResult, metric name, value)`. A stage resumes from the
 last checkpoint in `workdir/checkpoints` (params, optimizer, step and the prompt
 iterator), writes `metrics.jsonl` and TensorBoard events, shows a progress bar,
 and returns its final params for the next stage. The headline metric is the mean
-reward over the last 10 steps; `reward_trend.json` holds the first/last-10 means
-and the step-to-step std of the per-step mean reward.
+reward over the last 10 steps (`reward_mean`: the reward GRPO optimises, with the
+overlong and length shaping); `reward_trend.json` holds the first/last-10 means
+and the step-to-step std of the per-step mean reward, and under "parts" the same
+for the unshaped reward and each of its parts.
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ class RLStageConfig:
   system: str = ""
   max_turns: int = 4            # rl_multiturn: doctor turns per consultation
   case_limit: int = 0           # cases kept per source (0: all)
+  # Learner rows: 0 pads every batch to train.seq_len (one compile per run); n > 0 pads
+  # to the longest trajectory rounded up to n (at most seq_len / n compiles, less
+  # compute once responses get shorter than seq_len).
+  length_multiple: int = 0
   grpo: GRPOConfig = GRPOConfig()
   reward: RewardConfig = RewardConfig()
   train: TrainConfig = TrainConfig()
@@ -72,6 +78,8 @@ class RLStageConfig:
       raise ValueError(f"thinking_mode must be one of {THINKING_MODES}, got {self.thinking_mode!r}")
     if not self.sources:
       raise ValueError("sources: none listed")
+    if not (isinstance(self.length_multiple, int) and self.length_multiple >= 0):
+      raise ValueError(f"length_multiple must be an int >= 0, got {self.length_multiple!r}")
     for f in ("max_prompt_len", "max_new_tokens", "max_turns"):
       if not (isinstance(getattr(self, f), int) and getattr(self, f) > 0):
         raise ValueError(f"{f} must be a positive int, got {getattr(self, f)!r}")
@@ -214,6 +222,28 @@ def load_cases(sources: Sequence[str], data_cfg, limit: int = 0):
   return cases
 
 
+def grade_episodes(grader, episodes: Sequence[rollout.Episode], rubrics, cfg: RewardConfig
+                   ) -> list[Reward]:
+  """The reward of each consultation: its final rubric score plus the shaping terms.
+
+  The rubric part is the per-example HealthBench score (achieved / possible
+  points) as the grader returns it, not clipped at 0: a case whose red flags
+  the doctor has not addressed starts below 0, and clipping there would hide
+  every criterion the doctor does meet (HealthBench clips only the mean over
+  examples). An episode without a doctor turn (an empty first turn, or an
+  opening that filled the context) is graded as an empty reply, so its
+  omission criteria count against it and stopping at once never beats trying.
+  """
+  from m2.data.records import Message
+  convs = [e.graded_transcript() if e.doctor_turns else [*e.messages[:1], Message("assistant", "")]
+           for e in episodes]
+  out = []
+  for e, r in zip(episodes, grader.grade_batch(list(zip(convs, rubrics)))):
+    out.append(rewards.rubric_reward(r.score, e.doctor_turns[-1] if e.doctor_turns else "", cfg,
+                                     finished=e.finished))
+  return out
+
+
 class ConsultationTask:
   """Cases played with the patient simulator and graded on a generated rubric.
 
@@ -265,27 +295,13 @@ class ConsultationTask:
         self.setup.sampler, params, envs, rows, self.setup.fmt,
         lambda k: _row_sampling(self.sampling, rng, k), max_turns=self.turns,
         max_length=self.stage.train.seq_len + 1, stats=stats)
-    # An episode without a doctor turn (the opening alone filled max_length) has
-    # nothing to grade or train: it scores 0 and is counted.
-    playable = [i for i, e in enumerate(episodes) if e.doctor_turns]
-    stats.add("no_doctor_turn", len(episodes) - len(playable))
-    graded = self.grader.grade_batch([(episodes[i].graded_transcript(), self._rubric(rows[i]))
-                                      for i in playable]) if playable else []
-    results = [None] * len(episodes)
-    for i, r in zip(playable, graded):
-      results[i] = r
+    stats.add("no_doctor_turn", sum(not e.doctor_turns for e in episodes))
+    all_rewards = grade_episodes(self.grader, episodes, [self._rubric(c) for c in rows],
+                                 self.stage.reward)
     groups = []
     for g in range(n):
       eps = episodes[g * group_size:(g + 1) * group_size]
-      res = results[g * group_size:(g + 1) * group_size]
-      rs = []
-      for e, r in zip(eps, res):
-        if r is None:
-          rs.append(Reward(0.0, {"rubric": 0.0, "format": 0.0, "safety": 0.0}))
-          continue
-        score = None if r.score is None else float(np.clip(r.score, 0.0, 1.0))
-        rs.append(rewards.rubric_reward(score, e.doctor_turns[-1] if e.doctor_turns else "",
-                                        self.stage.reward, finished=e.finished))
+      rs = all_rewards[g * group_size:(g + 1) * group_size]
       stats.add("judge_failures", sum(r.failed for r in rs))
       groups.append(Group([e.trajectory() for e in eps], rs,
                           np.array([r.parts["rubric"] for r in rs]),
@@ -360,13 +376,14 @@ def run_grpo(config, workdir, model_cfg, mesh_cfg, init_params, name: str,
   rows = _round_up(tcfg.batch_size * gcfg.group_size,
                    learner.data_shards * learner.cfg.num_minibatches)  # whole minibatches
   writer = MetricsWriter(workdir, resume_step=resumed_from or 0)
-  step = learner.step
-  first = step
+  # GRPO steps are the checkpoints' step numbers; the optimizer's count differs
+  # (num_minibatches updates per step, none on a step without a trainable group).
+  step = first = resumed_from or 0
   final: dict[str, float] = {}
   bar = tqdm(total=tcfg.steps, initial=step, desc=name, dynamic_ncols=True, disable=None)
   try:
     while step < tcfg.steps:
-      t0 = time.time()
+      t0, c0 = time.time(), time.process_time()
       rng = np.random.default_rng([tcfg.seed, step])
       stats = rollout.RolloutStats()
       kept: list[Group] = []
@@ -399,17 +416,24 @@ def run_grpo(config, workdir, model_cfg, mesh_cfg, init_params, name: str,
         adv = grpo.group_advantages(shaped, gcfg.group_size, gcfg.norm_adv_by_std)
         trajs = [t for g in kept for t in g.trajectories]
         stats.add("clipped_to_seq_len", sum(len(t.ids) - 1 > tcfg.seq_len for t in trajs))
-        batch = learner_batch(trajs, adv, rows, pad_id=setup.tokenizer.pad_id,
-                              width=tcfg.seq_len)
+        if stage.length_multiple:
+          batch = learner_batch(trajs, adv, rows, pad_id=setup.tokenizer.pad_id,
+                                multiple=stage.length_multiple, max_length=tcfg.seq_len)
+        else:
+          batch = learner_batch(trajs, adv, rows, pad_id=setup.tokenizer.pad_id,
+                                width=tcfg.seq_len)
         metrics = learner.update(batch)
         logged.update({k: float(v) for k, v in jax.device_get(metrics).items()})
+        logged["learner_width"] = float(batch["inputs"].shape[1])
       else:
         stats.add("skipped_updates")
-        learner.state = learner.state.replace(step=learner.state.step + 1)
         log.warning("%s step %d: every group had equal rewards; no update", name, step)
       step += 1
       logged.update(stats.as_metrics())
       logged["step_s"] = time.time() - t0
+      # CPU seconds of this process (all threads): unlike wall time, barely moved by
+      # other jobs on a shared machine.
+      logged["step_cpu_s"] = time.process_time() - c0
       logged["rollout_s"] = t_rollout
       final.update(logged)
       if step % tcfg.log_every == 0 or step == tcfg.steps:
@@ -425,6 +449,11 @@ def run_grpo(config, workdir, model_cfg, mesh_cfg, init_params, name: str,
     writer.close()
   rows_logged = read_metrics(workdir)
   trend = reward_trend([r["reward_mean"] for r in rows_logged if "reward_mean" in r])
+  # The same test on the unshaped reward and on each of its parts: which term moved.
+  trend["parts"] = {k: reward_trend([r[k] for r in rows_logged if k in r])
+                    for k in ("reward/total", "reward/correct", "reward/rubric", "reward/format",
+                              "reward/safety", "reward/overlong", "reward/length")
+                    if any(k in r for r in rows_logged)}
   with open(os.path.join(workdir, "reward_trend.json"), "w") as f:
     json.dump(trend, f, indent=1)
   log.info("%s reward trend: %s", name, trend)

@@ -102,3 +102,23 @@ def test_update_moves_logprobs_along_advantages(batch, single):
   rows = mask.any(axis=1)
   # sequences with positive advantage become likelier, negative ones less likely
   assert np.corrcoef(change[rows], adv[rows])[0, 1] > 0.5
+
+
+def test_all_padding_minibatches_do_not_update(init_params):
+  # Weight decay on, so a step on no data would still shrink the weights.
+  opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, weight_decay=0.1)
+  learner = GRPOLearner(CFG, GRPOConfig(num_minibatches=2), opt, _one_device(),
+                        init_params=init_params)
+  rng = np.random.default_rng(2)
+  trajs = [Trajectory.single_turn(rng.integers(1, 64, 5), rng.integers(1, 64, 6),
+                                  -rng.uniform(0.5, 3.0, 6)) for _ in range(3)]
+  # 3 sequences in 8 rows: the second minibatch (rows 4-7) is all padding
+  batch = learner_batch(trajs, [1.0, -0.5, -0.5], rows=8, multiple=16)
+  metrics = learner.update(batch)
+  assert learner.step == 1 and metrics["empty_minibatches"] == 1
+  before = jax.device_get(learner.params)
+  padding = {k: np.zeros_like(v) for k, v in batch.items()}
+  assert learner.update(padding) == {"empty_minibatches": 2.0}
+  assert learner.step == 1
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(learner.params))):
+    np.testing.assert_array_equal(x, y)

@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from m2 import main
 from m2.rl import stages
@@ -26,7 +27,8 @@ def tiny_rl_config(tokenizer_file, cache):
                   max_new_tokens=6, keep_threshold=0.0)
   c.sft_rs.train.update(steps=1, batch_size=4, seq_len=96, save_every=1)
   c.rl_rule.update(sources=("math",), max_new_tokens=6)
-  c.rl_rule.grpo.update(group_size=2, overlong_buffer=2, max_refill_rounds=0)
+  # Two optimizer updates per GRPO step: resuming must count GRPO steps, not updates.
+  c.rl_rule.grpo.update(group_size=2, overlong_buffer=2, max_refill_rounds=0, num_minibatches=2)
   c.rl_rule.train.update(steps=2, batch_size=4, seq_len=96, save_every=1)
   c.rl_multiturn.update(max_new_tokens=6, max_turns=2, case_limit=4)
   c.rl_multiturn.grpo.update(group_size=2, overlong_buffer=2, max_refill_rounds=0)
@@ -94,3 +96,34 @@ def test_reward_trend():
   assert t["gain"] == 1.0 and t["gain_over_2std"] is (1.0 > 2 * t["step_to_step_std"])
   flat = stages.reward_trend([0.5, 0.4] * 10)
   assert flat["gain"] == 0.0 and not flat["gain_over_2std"]
+
+
+def test_consultation_reward_keeps_negative_rubric_scores_and_grades_empty_episodes():
+  from m2.data.records import Message
+  from m2.rl.rewards import RewardConfig
+  from m2.rl.rollout import Episode
+  from m2.verifier.grader import Grader, ReferenceJudge
+  from m2.verifier.rubrics import SCOPE_DIALOGUE, Criterion, Rubric
+  dlg = (SCOPE_DIALOGUE,)
+  rubric = Rubric((Criterion("Arranges follow-up, for example a return visit", 2,
+                             "follow_up", dlg),
+                   Criterion("Asks about the chest pain", 4, "consultation_logic", dlg),
+                   Criterion("Fails to address hemoptysis", -5, "ethics_safety", dlg)))
+  opening = Message("user", "I have chest pain and I cough up blood.")
+
+  def episode(*turns):
+    msgs = [opening] + [Message("assistant", t) for t in turns]
+    return Episode("case", None, None, msgs, doctor_turns=list(turns))
+
+  cfg = RewardConfig(weights={"rubric": 1.0, "format": 0.2})
+  silent, follow_up, both = stages.grade_episodes(
+      Grader(ReferenceJudge()),
+      [episode(), episode("We will arrange a follow-up visit."),
+       episode("Where is the chest pain?", "We will arrange a follow-up visit.")],
+      [rubric] * 3, cfg)
+  # an empty episode is graded as saying nothing: the omission counts, no format credit
+  assert silent.parts == {"rubric": -5 / 6, "format": 0.0, "safety": 0.0}
+  # meeting a criterion raises the reward even while the score is below 0 (no clip at 0)
+  assert follow_up.parts["rubric"] == pytest.approx(-3 / 6)
+  assert both.parts["rubric"] == pytest.approx(1 / 6)
+  assert silent.total < follow_up.total < both.total
