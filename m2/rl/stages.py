@@ -380,7 +380,7 @@ def run_grpo(config, workdir, model_cfg, mesh_cfg, init_params, name: str,
   # (num_minibatches updates per step, none on a step without a trainable group).
   step = first = resumed_from or 0
   final: dict[str, float] = {}
-  bar = tqdm(total=tcfg.steps, initial=step, desc=name, dynamic_ncols=True, disable=None)
+  bar = tqdm(total=tcfg.steps, initial=step, desc=name, dynamic_ncols=True, disable=False)
   try:
     while step < tcfg.steps:
       t0, c0 = time.time(), time.process_time()
@@ -509,7 +509,7 @@ def run_sft_rs(config, workdir, model_cfg, mesh_cfg, init_params):
   writer = MetricsWriter(workdir, resume_step=resumed_from or 0)
   step = first = learner.step
   final: dict[str, float] = {}
-  bar = tqdm(total=tcfg.steps, initial=step, desc="sft_rs", dynamic_ncols=True, disable=None)
+  bar = tqdm(total=tcfg.steps, initial=step, desc="sft_rs", dynamic_ncols=True, disable=False)
   try:
     while step < tcfg.steps:
       t0 = time.time()
