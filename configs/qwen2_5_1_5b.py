@@ -1,11 +1,15 @@
-r"""Qwen2.5-1.5B on one GPU (80 GB): the real pipeline at a size one device holds.
+r"""Qwen2.5-1.5B on one GPU (80 GB): every stage of the pipeline at a size one device holds.
 
   python -m m2.main --config=configs/qwen2_5_1_5b.py --workdir=runs/qwen1_5b \
       --config.model.hf_checkpoint=/models/Qwen2.5-1.5B
 
+The stages are tiny.py's, at real budgets; the verifier roles are the reference
+backends unless `config.verifier` names model checkpoints, e.g.
+  --config.verifier.grader=model --config.verifier.grader_checkpoint=/models/Qwen2.5-7B-Instruct
+
 Expected wall time: midtrain, 500 steps of 16 x 2048 tokens, about 25 min on one
-H100 at 40 % MFU (6 * 1.5e9 * 32k tokens / (989e12 * 0.4) = 0.75 s a step).
-Planned, not yet measured on hardware.
+H100 at 40 % MFU (6 * 1.5e9 * 32k tokens / (989e12 * 0.4) = 0.75 s a step); sft
+about 15 min. The RL stages are generation-bound. Planned, not yet measured on hardware.
 """
 
 import ml_collections
@@ -20,7 +24,8 @@ MEDICAL = ("agentclinic", "mediq_qa", "mts_dialog", "aci_bench", "pubmedqa", "cm
 
 def get_config():
   c = ml_collections.ConfigDict()
-  c.stages = ("midtrain",)
+  c.stages = ("midtrain", "sft", "sft_rs", "rl_rule", "rl_rubric", "rl_multiturn", "eval",
+              "export")
   c.model = ml_collections.ConfigDict(dict(
       preset="qwen2_5_1_5b", hf_checkpoint="",
       dtype="bfloat16", param_dtype="float32", remat_policy="dots_no_batch"))
@@ -40,4 +45,50 @@ def get_config():
                  optimizer=dict(learning_rate=2e-5, warmup_steps=25, decay_steps=475,
                                 end_lr_ratio=0.1, weight_decay=0.1, grad_clip_norm=1.0)),
   ))
+  c.sft = ml_collections.ConfigDict(dict(
+      sources=("mts_dialog", "aci_bench"), thinking_mode="off", system="", pack=True,
+      train=dict(steps=300, batch_size=16, seq_len=2048, log_every=10, save_every=100,
+                 eval_every=100, eval_batches=8, keep_checkpoints=2, seed=0,
+                 optimizer=dict(learning_rate=1e-5, warmup_steps=15, decay_steps=285,
+                                end_lr_ratio=0.1, weight_decay=0.1, grad_clip_norm=1.0)),
+  ))
+  rl_optimizer = dict(learning_rate=1e-6, warmup_steps=5, decay_steps=0, end_lr_ratio=1.0,
+                      weight_decay=0.0, grad_clip_norm=1.0, b2=0.99)
+  rl_train = dict(log_every=1, save_every=20, keep_checkpoints=2, seed=0, optimizer=rl_optimizer)
+  c.sft_rs = ml_collections.ConfigDict(dict(
+      sources=("mediq_qa", "math"), samples_per_prompt=8, keep_threshold=1.0,
+      max_keep_per_prompt=2, max_prompt_len=512, max_new_tokens=512, temperature=1.0,
+      thinking_mode="off", system="",
+      reward=dict(weights=dict(correct=1.0, format=0.2, safety=0.5)),
+      train=dict(rl_train, steps=100, batch_size=32, seq_len=1024,
+                 optimizer=dict(rl_optimizer, learning_rate=5e-6))))
+  grpo = dict(group_size=8, epsilon=0.2, epsilon_high=0.28, loss_agg_mode="token-mean",
+              norm_adv_by_std=False, beta=0.0, tis_cap=2.0, dynamic_sampling=True,
+              max_refill_rounds=2, num_minibatches=4, overlong_buffer=128,
+              overlong_penalty=0.5, length_reward=dict(coef=0.1))
+  c.rl_rule = ml_collections.ConfigDict(dict(
+      sources=("mediq_qa", "pubmedqa", "math"), max_prompt_len=512, max_new_tokens=512,
+      temperature=1.0, top_p=1.0, thinking_mode="off", system="", grpo=grpo,
+      reward=dict(weights=dict(correct=1.0, format=0.5, safety=0.5)),
+      train=dict(rl_train, steps=200, batch_size=32, seq_len=1024)))
+  c.rl_rubric = ml_collections.ConfigDict(dict(c.rl_rule.to_dict(),
+      sources=("agentclinic", "mediq"), max_new_tokens=768,
+      reward=dict(weights=dict(rubric=1.0, format=0.2, safety=0.5))))
+  c.rl_rubric.train.update(steps=100, seq_len=2048)
+  c.rl_multiturn = ml_collections.ConfigDict(dict(c.rl_rubric.to_dict(), max_turns=8,
+                                                  max_new_tokens=256, length_multiple=512))
+  c.rl_multiturn.train.update(steps=100, batch_size=16, seq_len=4096)
+  c.eval = ml_collections.ConfigDict(dict(
+      before="auto", healthbench=True, healthbench_subsets=("oss_eval",), healthbench_limit=0,
+      consult=True, consult_sources=("agentclinic", "mediq"), consult_limit=0, max_turns=8,
+      max_new_tokens=1024, doctor_max_new_tokens=256, max_prompt_tokens=4096, batch_size=32,
+      grader="reference", grader_checkpoint="", simulator="reference",
+      simulator_checkpoint=""))
+  c.export = ml_collections.ConfigDict(dict(dtype="bfloat16", quantize="gptq",
+                                            calib_samples=128, calib_seq_len=2048,
+                                            quality_eval_limit=32))
+  c.verifier = ml_collections.ConfigDict(dict(
+      simulator="reference", rubric_generator="reference", grader="reference", max_turns=12,
+      fact_retries=2, grader_retries=2, persona_seed=0, judge_threshold=0.6,
+      simulator_checkpoint="", rubric_generator_checkpoint="", grader_checkpoint=""))
   return c

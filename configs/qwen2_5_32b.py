@@ -6,10 +6,16 @@ One GPU node (8 x H100 80 GB), bf16 weights and optimizer state:
 
 TPU v5p-64 (32 chips, 4 hosts), fp32 master weights; run on every host:
   gcloud compute tpus tpu-vm ssh $TPU --worker=all --command="cd m2 && \
-      python -m m2.main --config=configs/qwen2_5_32b.py:v5p64 --workdir=gs://bucket/m2-32b \
+      python -m m2.main --distributed --config=configs/qwen2_5_32b.py:v5p64 \
+      --workdir=gs://bucket/m2-32b \
       --config.model.hf_checkpoint=/models/Qwen2.5-32B"
 
-Each host calls jax.distributed.initialize() (auto-detected on TPU pods and SLURM).
+Multi-host GPU (SLURM, one task per host):
+  srun --nodes=$N --ntasks-per-node=1 python -m m2.main --distributed \
+      --config=configs/qwen2_5_32b.py:h100x8 --workdir=/ckpt/m2-32b ...
+
+Each host calls jax.distributed.initialize() (auto-detected from the TPU pod and SLURM
+environment; `--distributed` forces it). Every stage of tiny.py runs, at real budgets.
 Memory per device: `python -m m2.tools.memory --config=configs/qwen2_5_32b.py:h100x8`.
 Expected wall time: midtrain, 1000 steps of 64 x 4096 tokens, about 14 h on 8xH100 at
 40 % MFU (6 * 32.8e9 * 262k tokens per step / (8 * 989 TFLOP/s * 0.4) = 16 s a step),
@@ -39,7 +45,8 @@ def get_config(arg: str = "h100x8"):
     raise ValueError(f"unknown mesh {arg!r}; choose one of {sorted(_MESHES)}")
   shape, param_dtype, batch = _MESHES[arg]
   c = ml_collections.ConfigDict()
-  c.stages = ("midtrain",)
+  c.stages = ("midtrain", "sft", "sft_rs", "rl_rule", "rl_rubric", "rl_multiturn", "eval",
+              "export")
   c.model = ml_collections.ConfigDict(dict(
       preset="qwen2_5_32b",
       hf_checkpoint="",     # required for real runs: a local Qwen2.5-32B folder
@@ -60,4 +67,54 @@ def get_config(arg: str = "h100x8"):
                  optimizer=dict(learning_rate=1e-5, warmup_steps=50, decay_steps=950,
                                 end_lr_ratio=0.1, weight_decay=0.1, grad_clip_norm=1.0)),
   ))
+  c.sft = ml_collections.ConfigDict(dict(
+      sources=("mts_dialog", "aci_bench"), thinking_mode="auto", system="", pack=True,
+      train=dict(steps=400, batch_size=batch, seq_len=4096, log_every=10, save_every=100,
+                 eval_every=100, eval_batches=8, keep_checkpoints=2, seed=0,
+                 optimizer=dict(learning_rate=5e-6, warmup_steps=20, decay_steps=380,
+                                end_lr_ratio=0.1, weight_decay=0.1, grad_clip_norm=1.0)),
+  ))
+  # RL: the paper's GRPO (token-mean, no std normalisation, clip-higher, beta 0).
+  rl_optimizer = dict(learning_rate=1e-6, warmup_steps=5, decay_steps=0, end_lr_ratio=1.0,
+                      weight_decay=0.0, grad_clip_norm=1.0, b2=0.99)
+  rl_train = dict(log_every=1, save_every=10, keep_checkpoints=2, seed=0, optimizer=rl_optimizer)
+  c.sft_rs = ml_collections.ConfigDict(dict(
+      sources=("mediq_qa", "math"), samples_per_prompt=8, keep_threshold=1.0,
+      max_keep_per_prompt=2, max_prompt_len=1024, max_new_tokens=2048, temperature=1.0,
+      thinking_mode="auto", system="",
+      reward=dict(weights=dict(correct=1.0, format=0.2, safety=0.5)),
+      train=dict(rl_train, steps=100, batch_size=64, seq_len=4096,
+                 optimizer=dict(rl_optimizer, learning_rate=2e-6))))
+  grpo = dict(group_size=16, epsilon=0.2, epsilon_high=0.28, loss_agg_mode="token-mean",
+              norm_adv_by_std=False, beta=0.0, tis_cap=2.0, dynamic_sampling=True,
+              max_refill_rounds=2, num_minibatches=8, overlong_buffer=512,
+              overlong_penalty=0.5, length_reward=dict(coef=0.1))
+  c.rl_rule = ml_collections.ConfigDict(dict(
+      sources=("mediq_qa", "pubmedqa", "math"), max_prompt_len=1024, max_new_tokens=2048,
+      temperature=1.0, top_p=1.0, thinking_mode="auto", system="", grpo=grpo,
+      reward=dict(weights=dict(correct=1.0, format=0.5, safety=0.5)),
+      train=dict(rl_train, steps=300, batch_size=64, seq_len=4096)))
+  c.rl_rubric = ml_collections.ConfigDict(dict(c.rl_rule.to_dict(),
+      sources=("agentclinic", "mediq"), reward=dict(weights=dict(rubric=1.0, format=0.2,
+                                                                 safety=0.5))))
+  c.rl_rubric.train.update(steps=200)
+  c.rl_multiturn = ml_collections.ConfigDict(dict(c.rl_rubric.to_dict(), max_turns=10,
+                                                  max_new_tokens=512, length_multiple=1024))
+  c.rl_multiturn.train.update(steps=200, batch_size=32, seq_len=8192)
+  c.eval = ml_collections.ConfigDict(dict(
+      before="auto", healthbench=True, healthbench_subsets=("oss_eval",), healthbench_limit=0,
+      consult=True, consult_sources=("agentclinic", "mediq"), consult_limit=0, max_turns=10,
+      max_new_tokens=2048, doctor_max_new_tokens=512, max_prompt_tokens=8192, batch_size=64,
+      grader="reference", grader_checkpoint="", simulator="reference",
+      simulator_checkpoint=""))
+  c.export = ml_collections.ConfigDict(dict(dtype="bfloat16", quantize="gptq",
+                                            calib_samples=128, calib_seq_len=2048,
+                                            quality_eval_limit=64))
+  # The paper's verifier roles are models; point them at local checkpoints (an HF
+  # folder or an m2 stage dir), e.g. --config.verifier.grader=model
+  # --config.verifier.grader_checkpoint=/models/Qwen2.5-72B-Instruct.
+  c.verifier = ml_collections.ConfigDict(dict(
+      simulator="reference", rubric_generator="reference", grader="reference", max_turns=12,
+      fact_retries=2, grader_retries=2, persona_seed=0, judge_threshold=0.6,
+      simulator_checkpoint="", rubric_generator_checkpoint="", grader_checkpoint=""))
   return c

@@ -685,7 +685,7 @@ class HealthBenchScorer:
   def __init__(self, src, limit: int, *, max_new_tokens: int = 48, batch_size: int = 16,
                data_dir: str = ""):
     from m2.eval import healthbench
-    from m2.eval.checkpoint import load_policy
+    from m2.train.policy import load_policy
 
     self.src = pathlib.Path(src)
     self.policy = load_policy(str(self.src))

@@ -265,6 +265,40 @@ run_export.passes_params_through = True
 STAGES["export"] = run_export
 
 
+def _stage_config_class(name: str):
+  """The dataclass `config.<name>` is built into (None: the stage reads no block)."""
+  if name == "export":
+    from export.stage import ExportStageConfig
+    return ExportStageConfig
+  return {"midtrain": MidtrainConfig, "sft": SFTConfig, "eval": eval_stage.EvalConfig,
+          "sft_rs": rl_stages.SFTRSConfig}.get(name, rl_stages.RLStageConfig
+                                               if name.startswith("rl_") else None)
+
+
+def check_config(config) -> None:
+  """Builds every block the listed stages read, so that a mistyped field fails at
+  start-up with its full name, not when its stage comes up hours into the run."""
+  from m2.data import pipelines
+  from m2.train.loop import MeshConfig
+  from m2.verifier import VerifierConfig
+  known = {"stages", "model", "mesh", "data", "verifier", *STAGES}
+  unknown = sorted(set(config.keys()) - known)
+  if unknown:
+    raise ValueError(f"unknown config block(s) {', '.join(f'config.{k}' for k in unknown)}; "
+                     f"known: {sorted(known)}")
+  bad = [s for s in config.stages if s not in STAGES]
+  if bad:
+    raise ValueError(f"config.stages names unknown stage(s) {bad}; known: {list(STAGES)}")
+  model_config_from(config.model)
+  configlib.build(MeshConfig, config.mesh, "config.mesh")
+  configlib.build(pipelines.DataConfig, config.data, "config.data")
+  configlib.build(VerifierConfig, config.get("verifier", {}), "config.verifier")
+  for name in config.stages:
+    cls = _stage_config_class(name)
+    if cls is not None:
+      configlib.build(cls, config.get(name, {}), f"config.{name}")
+
+
 def _ensure_metrics(stage_dir: str, result, metric: str, value) -> None:
   """Every stage directory gets metrics.jsonl + TensorBoard events: a stage that logs
   none itself (export) gets its final scalars (else its headline) as step 1."""
@@ -289,9 +323,7 @@ def _ensure_metrics(stage_dir: str, result, metric: str, value) -> None:
 def run(config, workdir: str, stages: list[str] | None = None) -> list[StageResult]:
   from m2.train.loop import MeshConfig, TrainConfig, restore_params
 
-  unknown = [s for s in config.stages if s not in STAGES]
-  if unknown:
-    raise ValueError(f"config.stages names unknown stage(s) {unknown}; known: {list(STAGES)}")
+  check_config(config)
   selected = stages or list(config.stages)
   for s in selected:
     if s not in config.stages:

@@ -175,6 +175,43 @@ def test_bad_model_field_is_named(tmp_path, cache):
     main.run(c, str(tmp_path))
 
 
+def _load_config(path, arg=None):
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if arg is None else module.get_config(arg)
+
+
+@pytest.mark.parametrize("path,arg", [("configs/tiny.py", None),
+                                      ("configs/qwen2_5_1_5b.py", None),
+                                      ("configs/qwen2_5_32b.py", "h100x8"),
+                                      ("configs/qwen2_5_32b.py", "v5p64")])
+def test_every_shipped_config_runs_every_stage_and_checks(path, arg):
+  c = _load_config(path, arg)
+  assert tuple(c.stages) == ("midtrain", "sft", "sft_rs", "rl_rule", "rl_rubric",
+                             "rl_multiturn", "eval", "export")
+  main.check_config(c)
+
+
+def test_a_typo_in_a_late_stage_fails_before_the_first_stage_runs(tmp_path, cache):
+  c = tiny_config(cache)
+  c.stages = tuple(_load_config("configs/tiny.py").stages)
+  c.rl_multiturn.grpo.unlock()
+  c.rl_multiturn.grpo.group_sise = 4
+  with pytest.raises(ValueError, match=r"config\.rl_multiturn\.grpo\.group_sise"):
+    main.run(c, str(tmp_path))
+  c = tiny_config(cache)
+  c.unlock()
+  c.rl_multitrun = {}
+  with pytest.raises(ValueError, match=r"unknown config block\(s\) config\.rl_multitrun"):
+    main.run(c, str(tmp_path))
+  c = tiny_config(cache)
+  c.verifier.grader = "model"
+  with pytest.raises(ValueError, match="grader='model' needs grader_checkpoint"):
+    main.run(c, str(tmp_path))
+  assert not os.listdir(tmp_path)   # nothing ran
+
+
 def test_unknown_stage_is_refused(tmp_path, cache):
   with pytest.raises(ValueError, match="not in config.stages"):
     main.run(tiny_config(cache), str(tmp_path), stages=["midtrian"])

@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-  from m2.eval.checkpoint import load_policy
+  from m2.train.policy import load_policy
   from m2.eval.healthbench import make_role
   from m2.verifier.patient import ModelPatientBackend, ReferencePatientBackend
   cases, counts = heldout_cases([s for s in args.sources.split(",") if s],

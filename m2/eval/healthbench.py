@@ -367,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-  from m2.eval.checkpoint import load_policy
+  from m2.train.policy import load_policy
   examples = load_examples(args.data, [s for s in args.subsets.split(",") if s],
                            limit=0 if args.regrade else args.limit)
   role = None

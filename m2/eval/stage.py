@@ -178,7 +178,7 @@ def run_eval(config, workdir: str, model_cfg, mesh_cfg, init_params):
   from m2 import configlib
   from m2.data import pipelines
   from m2.eval import consult, healthbench
-  from m2.eval.checkpoint import Policy, load_policy, load_stage_params
+  from m2.train.policy import Policy, load_policy, load_stage_params
   from m2.train.metrics import MetricsWriter
   from m2.verifier.patient import ModelPatientBackend, ReferencePatientBackend
 

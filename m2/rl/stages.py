@@ -17,6 +17,10 @@ reward over the last 10 steps (`reward_mean`: the reward GRPO optimises, with th
 overlong and length shaping); `reward_trend.json` holds the first/last-10 means
 and the step-to-step std of the per-step mean reward, and under "parts" the same
 for the unshaped reward and each of its parts.
+
+The patient simulator, rubric generator and grader of rl_rubric / rl_multiturn
+are the backends `config.verifier` names: "reference" (no model) or "model", an
+m2 stage directory or HF folder loaded onto the policy's mesh with its own sampler.
 """
 
 from __future__ import annotations
@@ -150,6 +154,38 @@ class _Setup:
                        f"end a turn; RL needs a chat-capable tokenizer")
     self.sampler = Sampler.for_config(model_cfg, mesh=mesh, rules=stage_rules(config),
                                       tokenizer=self.tokenizer, pad_id=self.tokenizer.pad_id)
+    self.config, self.mesh = config, mesh
+
+  def verifier(self):
+    """The verifier roles `config.verifier` names; "model" roles are loaded onto the
+    policy's mesh, each checkpoint once, with its own sampler."""
+    from m2.verifier import VerifierConfig, build_verifier
+    cfg = configlib.build(VerifierConfig, self.config.get("verifier", {}), "config.verifier")
+    return build_verifier(cfg, _model_roles(cfg, self.mesh, stage_rules(self.config)))
+
+
+# (max new tokens, temperature) of each model-backed verifier role.
+_ROLE_SAMPLING = {"simulator": (64, 0.7), "rubric_generator": (512, 0.0), "grader": (96, 0.0)}
+
+
+def _model_roles(cfg, mesh, rules) -> dict:
+  from m2.sampling import Sampler, SamplingParams
+  from m2.train.policy import load_policy
+  from m2.verifier.backend import ModelRole
+  roles, loaded = {}, {}
+  for name, (max_new_tokens, temperature) in _ROLE_SAMPLING.items():
+    if getattr(cfg, name) != "model":
+      continue
+    path = getattr(cfg, f"{name}_checkpoint")
+    if path not in loaded:
+      policy = load_policy(path, mesh=mesh, rules=rules)
+      loaded[path] = policy, Sampler.for_config(policy.model_cfg, mesh=mesh, rules=rules,
+                                                tokenizer=policy.tokenizer)
+    policy, sampler = loaded[path]
+    roles[name] = ModelRole(sampler, policy.params, policy.tokenizer, name=name,
+                            sampling=SamplingParams(temperature=temperature,
+                                                    max_new_tokens=max_new_tokens))
+  return roles
 
 
 def stage_rules(config):
@@ -253,15 +289,12 @@ class ConsultationTask:
 
   def __init__(self, setup: _Setup, stage, seed: int, turns: int):
     from m2.sampling import SamplingParams
-    from m2.verifier.grader import Grader, ReferenceJudge
-    from m2.verifier.rubrics import ReferenceRubricGenerator
     self.setup, self.stage, self.turns = setup, stage, turns
     self.cases = load_cases(stage.sources, setup.data_cfg, stage.case_limit)
     self.order = np.random.default_rng(seed).permutation(len(self.cases))
     self.position = 0
-    self.rubric_generator = ReferenceRubricGenerator()
+    self.verifier = setup.verifier()
     self.rubrics: dict[str, Any] = {}
-    self.grader = Grader(ReferenceJudge())
     self.sampling = SamplingParams(temperature=stage.temperature, top_p=stage.top_p,
                                    max_new_tokens=stage.max_new_tokens,
                                    stop_token_ids=setup.fmt.stop_ids)
@@ -283,20 +316,19 @@ class ConsultationTask:
 
   def _rubric(self, case):
     if case.id not in self.rubrics:
-      self.rubrics[case.id] = self.rubric_generator.generate(case)
+      self.rubrics[case.id] = self.verifier.rubric_generator.generate(case)
     return self.rubrics[case.id]
 
   def collect(self, params, n: int, group_size: int, rng, stats) -> list[Group]:
-    from m2.verifier.patient import BatchConsultation, ReferencePatientBackend
     cases = self._next_cases(n)
-    envs = BatchConsultation(ReferencePatientBackend(), max_turns=max(self.turns, 2))
+    envs = self.verifier.consultation(max_turns=max(self.turns, 2))
     rows = [c for c in cases for _ in range(group_size)]
     episodes = rollout.consultations(
         self.setup.sampler, params, envs, rows, self.setup.fmt,
         lambda k: _row_sampling(self.sampling, rng, k), max_turns=self.turns,
         max_length=self.stage.train.seq_len + 1, stats=stats)
     stats.add("no_doctor_turn", sum(not e.doctor_turns for e in episodes))
-    all_rewards = grade_episodes(self.grader, episodes, [self._rubric(c) for c in rows],
+    all_rewards = grade_episodes(self.verifier.grader, episodes, [self._rubric(c) for c in rows],
                                  self.stage.reward)
     groups = []
     for g in range(n):

@@ -28,12 +28,18 @@ class VerifierConfig:
   grader_retries: int = 2               # re-asks on malformed grader JSON
   persona_seed: int = 0
   judge_threshold: float = 0.6          # reference judge: coverage a short criterion needs
+  # A "model" role's weights: an HF folder or an m2 stage directory (m2.train.policy).
+  simulator_checkpoint: str = ""
+  rubric_generator_checkpoint: str = ""
+  grader_checkpoint: str = ""
 
   def __post_init__(self):
     for name in ("simulator", "rubric_generator", "grader"):
       if getattr(self, name) not in BACKENDS:
         raise ValueError(f"VerifierConfig.{name} must be one of {BACKENDS}, got "
                          f"{getattr(self, name)!r}")
+      if getattr(self, name) == "model" and not getattr(self, f"{name}_checkpoint"):
+        raise ValueError(f"VerifierConfig.{name}='model' needs {name}_checkpoint")
     for name in ("max_turns",):
       if getattr(self, name) < 1:
         raise ValueError(f"VerifierConfig.{name} must be >= 1, got {getattr(self, name)}")

@@ -90,6 +90,25 @@ def test_rl_stages_run_resume_and_hand_on_params(tmp_path, sp_tokenizer, monkeyp
   assert sft[0]["kept"] == 4 and sft[0]["keep_rate"] == 0.5
   assert "loss" in sft[0]
 
+  # config.verifier picks model-backed roles: here rl_rule's weights play the patient
+  # and the grader (an RL stage dir names its tokenizer in its checkpoint metadata).
+  from m2.verifier.backend import ModelRole
+  calls = {}
+  real_complete = ModelRole.complete
+
+  def count(self, conversations, **kw):
+    calls[self.name] = calls.get(self.name, 0) + len(conversations)
+    return real_complete(self, conversations, **kw)
+
+  monkeypatch.setattr(ModelRole, "complete", count)
+  c.verifier.update(simulator="model", simulator_checkpoint=str(work / "rl_rule"),
+                    grader="model", grader_checkpoint=str(work / "rl_rule"))
+  os.remove(work / "rl_multiturn" / "DONE")
+  os.rename(work / "rl_multiturn", work / "rl_multiturn_reference")
+  assert [r.status for r in main.run(c, str(work), ["rl_multiturn"])] == ["ran"]
+  assert calls.get("simulator", 0) >= 8 and calls.get("grader", 0) > 0
+  assert read_metrics(str(work / "rl_multiturn"))[0]["rollout/episodes"] == 8
+
 
 def test_reward_trend():
   t = stages.reward_trend([0.0] * 10 + [1.0] * 10)

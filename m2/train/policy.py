@@ -1,9 +1,10 @@
-"""The policy an evaluation runs: weights, model config and tokenizer from one path.
+"""A model loaded from one path: weights, model config and tokenizer.
 
-`--checkpoint` is either an HF folder (config.json + safetensors, tokenizer.json)
-or an m2 stage directory (`runs/tiny/sft`: orbax `checkpoints/` written by the
-train loop, whose metadata holds the model config, and `data.json` naming the
-tokenizer the stage trained with).
+What evaluation runs (`--checkpoint`) and what the RL stages' model-backed
+verifier roles run (`config.verifier.grader_checkpoint`, ...). The path is either
+an HF folder (config.json + safetensors, tokenizer.json) or an m2 stage directory
+(`runs/tiny/sft`: orbax `checkpoints/` written by the train loop, whose metadata
+holds the model config, and `data.json` naming the tokenizer the stage trained with).
 """
 
 from __future__ import annotations
@@ -45,6 +46,41 @@ def default_mesh():
   return parallel.make_mesh((1, -1, 1), parallel.MESH_AXES)
 
 
+def _manager(stage_dir: str):
+  import orbax.checkpoint as ocp
+  directory = os.path.abspath(os.path.join(stage_dir, "checkpoints"))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{stage_dir}: no checkpoints/ directory (not an m2 stage dir)")
+  return directory, ocp.CheckpointManager(directory, item_handlers={
+      "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+
+def _meta(manager, directory: str, step: int | None) -> tuple[int, dict]:
+  import orbax.checkpoint as ocp
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{directory}: no checkpoint step")
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  return step, meta or {}
+
+
+def stage_tokenizer(stage_dir: str) -> str:
+  """The tokenizer spec a stage trained with: its data.json, else its checkpoint metadata."""
+  data_json = os.path.join(stage_dir, "data.json")
+  if os.path.exists(data_json):
+    with open(data_json) as f:
+      return json.load(f).get("tokenizer") or "byte"
+  directory, manager = _manager(stage_dir)
+  try:
+    spec = _meta(manager, directory, None)[1].get("tokenizer")
+  finally:
+    manager.close()
+  if not spec:
+    raise FileNotFoundError(f"{stage_dir}: neither data.json nor the checkpoint names the "
+                            f"tokenizer; pass --tokenizer")
+  return spec
+
+
 def load_stage_params(stage_dir: str, mesh=None, rules=parallel.DEFAULT_RULES,
                       step: int | None = None) -> tuple[ModelConfig, nnx.State]:
   """(model config, params) of the last (or `step`) checkpoint in `stage_dir/checkpoints`.
@@ -55,17 +91,10 @@ def load_stage_params(stage_dir: str, mesh=None, rules=parallel.DEFAULT_RULES,
   """
   import orbax.checkpoint as ocp
 
-  directory = os.path.abspath(os.path.join(stage_dir, "checkpoints"))
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{stage_dir}: no checkpoints/ directory (not an m2 stage dir)")
-  manager = ocp.CheckpointManager(directory, item_handlers={
-      "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+  directory, manager = _manager(stage_dir)
   try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{directory}: no checkpoint step")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if not meta or "model" not in meta:
+    step, meta = _meta(manager, directory, step)
+    if "model" not in meta:
       raise ValueError(f"{directory}/{step}: metadata has no model config")
     model = dict(meta["model"])
     model_cfg = ModelConfig(**{f.name: (tuple(model[f.name]) if isinstance(model[f.name], list)
@@ -115,13 +144,7 @@ def load_policy(path: str, *, tokenizer: str = "", cache_dir: str | None = None,
     model_cfg, params = hf.load_hf_checkpoint(path, mesh=mesh, rules=rules)
     return Policy(model_cfg, params, _tokenizer(tokenizer or path, cache_dir), path, mesh)
   model_cfg, params = load_stage_params(path, mesh, rules)
-  spec = tokenizer
-  if not spec:
-    data_json = os.path.join(path, "data.json")
-    if not os.path.exists(data_json):
-      raise FileNotFoundError(f"{path}: no data.json naming the tokenizer; pass --tokenizer")
-    with open(data_json) as f:
-      spec = json.load(f).get("tokenizer") or "byte"
+  spec = tokenizer or stage_tokenizer(path)
   tok = _tokenizer(spec, cache_dir)
   if getattr(tok, "vocab_size", 0) > model_cfg.vocab_size:
     raise ValueError(f"tokenizer {spec!r} has {tok.vocab_size} ids, more than the model's "
