@@ -3,6 +3,7 @@ r"""Quality of the patient simulator on the shipped cases, with scripted doctor 
   python -m m2.eval.simulator --cases=agentclinic,mediq --limit=100
   python -m m2.eval.simulator --backend=model --limit=8        # tiny random model (or --hf_checkpoint)
   python -m m2.eval.simulator --rubric_quality                 # rubric generator vs HealthBench
+  python -m m2.eval.simulator --rubric_quality --rubric_generator=model --examples=16
   python -m m2.eval.simulator --grader_sanity                  # ideal vs empty/generic answers
 
 Per case a persona is sampled (seed `--seed`), and three scripted consultations run:
@@ -18,7 +19,12 @@ Metrics:
   leakage_rate          leak-probe replies that state the diagnosis (its distinctive words)
                         or a locked finding's distinctive numbers/words; an independent check
                         (not the Fact Unit's); goal 0
-  fact_consistency      accepted patient replies that pass the Fact Unit check
+  fact_consistency      accepted patient replies that pass the Fact Unit check (circular: the
+                        Fact Unit accepted them)
+  fact_consistency_independent
+                        the same replies by `independent_consistency`: no number outside the
+                        record (small counts aside), no symptom the record does not name, no
+                        contradiction of its polarity; with reasons and a few examples
   rejection_rate        Fact Unit rejections / drafts (the backend's invented or leaking text)
   fallback_rate         replies replaced by the reference rendering after max_retries
   persona_adherence     persona constraints met (terse <= 25 words, introverts neither
@@ -30,6 +36,10 @@ Metrics:
                         gate must not end it early)
   persona_voice         per persona group (E/I, verbosity): words per reply, volunteering
                         and question rates (the voice must differ measurably)
+  personas              the sampled personas: counts by MBTI type, axis, emotion, literacy,
+                        verbosity
+  sources               per source: loaded, skipped, with a diagnosis, used, and what the
+                        de-identification gate replaced (by category)
 Ends with one JSON line.
 """
 
@@ -45,7 +55,7 @@ import time
 from m2.data.loaders import load_agentclinic, load_mediq
 from m2.verifier import lexicon, text
 from m2.verifier.patient import BatchConsultation, ModelPatientBackend, ReferencePatientBackend
-from m2.verifier.persona import LAY_TERMS, sample_persona
+from m2.verifier.persona import LAY_TERMS, lay_words, persona_summary, sample_persona
 from m2.verifier.rubrics import test_name
 
 LEAK_PROBES = ("What do you think you have?", "What is your diagnosis?",
@@ -84,17 +94,70 @@ def independent_leak(case, reply: str, unlocked_ids: set[str]) -> bool:
   return False
 
 
-def load_cases(names, limit: int):
-  cases = []
+# Persona affect ("I'm really worried") is the voice, not a symptom claim.
+_AFFECT_RE = re.compile(r"\b(worried|worry|worrying|scared|nervous|afraid|anxious|upset)\b", re.I)
+# Lexicon entries that a question or an answer about timing yields, not things a patient has.
+_NOT_CLAIMS = frozenset({"durat", "onset", "frequency"})
+_SMALL_COUNTS = frozenset({"0", "1", "2", "3"})   # "twice", "2 or 3 times": no fact needed
+
+
+def independent_consistency(case, reply: str, heard: str = "") -> list[str]:
+  """Why a patient reply is unfaithful to its case ([] when faithful); independent of the
+  Fact Unit (which accepted the reply), so the consistency figure is not circular.
+
+  Judged against the whole record (every fact, in its words and lay words), not against
+  what the Fact Unit had unlocked; locked facts are `independent_leak`'s business.
+  - number:N     a number in no fact, not the age, not said by the doctor (`heard`), and
+                 not a small count (<= 3);
+  - symptom:T    a lexicon symptom the reply asserts that no fact names (negated mentions,
+                 "no fever", claim nothing and pass);
+  - contradicts:T  the reply asserts what the record only denies, or denies what the
+                 patient's own facts only assert (an exam finding is not theirs to deny).
+  """
+  # A fact's text, not its label: "Vital Signs / Temperature: 36.6" claims no fever.
+  said = lambda facts: [s for f in facts for s in (f.text, lay_words(f.text))]
+  stmts = said(case.facts)
+  case_nums = set().union(*(text.numbers(f.statement) for f in case.facts))
+  if case.age is not None:
+    case_nums.add(str(case.age))
+  # Per fact, so that a negation never spans two facts.
+  pos = lambda ss: {t for s in ss for t, p in text.polar_terms(s).items() if p}
+  case_pos, own_pos = pos(stmts), pos(said(case.visible_facts))
+  case_neg = set().union(*(text.negated_terms(s) for s in stmts))
+  reasons = [f"number:{n}" for n in sorted(text.numbers(reply) - case_nums - text.numbers(heard)
+                                           - _SMALL_COUNTS)]
+  for t, asserted in sorted(text.polar_terms(_AFFECT_RE.sub(" ", reply)).items()):
+    if t not in lexicon.SYMPTOM_TERMS or t in _NOT_CLAIMS:
+      continue
+    if asserted and t not in case_pos | case_neg:
+      reasons.append(f"symptom:{t}")
+    elif asserted and t not in case_pos:
+      reasons.append(f"contradicts:{t}")
+    elif not asserted and t in own_pos and t not in case_neg:
+      reasons.append(f"contradicts:not-{t}")
+  return reasons
+
+
+def load_cases(names, limit: int) -> tuple[list, dict]:
+  """The first `limit` cases with a diagnosis per source, de-identified; and counts per source."""
+  from m2.data import deid
+  cases, counts = [], {}
   for name in names:
     if name == "agentclinic":
-      got = load_agentclinic(splits=("medqa",))[0]
+      loaded = load_agentclinic(splits=("medqa",))
     elif name == "mediq":
-      got = [c for c in load_mediq(policy="skip")[0] if c.diagnosis]
+      loaded = load_mediq(policy="skip")
     else:
       raise ValueError(f"unknown case source {name!r}; use agentclinic, mediq")
-    cases += got[:limit]
-  return cases
+    usable = [c for c in loaded.records if c.diagnosis]
+    # The simulator sees what training saw: de-identified records.
+    gated = deid.gate(usable[:limit], purpose="simulator")
+    counts[name] = {"loaded": loaded.report.loaded, "skipped": loaded.report.skipped,
+                    "with_diagnosis": len(usable), "used": len(gated.records),
+                    "deid_changed": gated.report.changed,
+                    "deid_replaced": dict(gated.report.counts)}
+    cases += gated.records
+  return cases, counts
 
 
 def _script(case) -> list[tuple[str, str | None]]:
@@ -133,9 +196,12 @@ def evaluate(cases, backend, *, seed: int = 0, max_turns: int = 12, max_retries:
   turns_used = []
   voice = collections.defaultdict(collections.Counter)   # persona group -> reply counts
   stats_total = None
+  all_personas = []
+  examples = []   # a few replies the independent check rejects, for the report
   for start in range(0, len(cases), batch_size):
     chunk = cases[start:start + batch_size]
     personas = [sample_persona(c, seed) for c in chunk]
+    all_personas += personas
     # 1. main script
     env = BatchConsultation(backend, max_turns=len(_script(chunk[0])) + 5,
                             max_retries=max_retries, persona_seed=seed)
@@ -158,6 +224,12 @@ def evaluate(cases, backend, *, seed: int = 0, max_turns: int = 12, max_retries:
         sim = env.sims[i]
         counts["replies"] += 1
         counts["consistent"] += sim.check(msg.content).ok
+        heard = " ".join(m.content for m in sim.transcript if m.role == "assistant")
+        why = independent_consistency(sim.case, msg.content, heard)
+        counts["independent_consistent"] += not why
+        counts.update(f"why:{r.split(':')[0]}" for r in why)
+        if why and len(examples) < 3:
+          examples.append({"case": sim.case.id, "reply": msg.content, "reasons": why})
         if scripts[i][t][0] in LEAK_PROBES:
           counts["leak_probes"] += 1
           counts["leaks"] += independent_leak(sim.case, msg.content, sim.facts.unlocked)
@@ -203,6 +275,10 @@ def evaluate(cases, backend, *, seed: int = 0, max_turns: int = 12, max_retries:
       "leakage_rate": counts["leaks"] / max(1, counts["leak_probes"]),
       "leak_probes": counts["leak_probes"],
       "fact_consistency": counts["consistent"] / max(1, counts["replies"]),
+      # The same replies by a check that did not accept them (see independent_consistency).
+      "fact_consistency_independent": counts["independent_consistent"] / max(1, counts["replies"]),
+      "independent_reasons": {k[4:]: v for k, v in sorted(counts.items()) if k.startswith("why:")},
+      "independent_examples": examples,
       "rejection_rate": summary["rejection_rate"],
       "fallback_rate": summary["fallbacks"] / max(1, summary["replies"]),
       "rejection_reasons": summary["reasons"],
@@ -215,6 +291,7 @@ def evaluate(cases, backend, *, seed: int = 0, max_turns: int = 12, max_retries:
                             "volunteer_rate": round(v["volunteered"] / v["replies"], 3),
                             "question_rate": round(v["questions"] / v["replies"], 3)}
                         for g, v in sorted(voice.items()) if v["replies"]},
+      "personas": persona_summary(all_personas),
       "replies": counts["replies"],
   }
 
@@ -246,7 +323,8 @@ def grader_sanity() -> dict:
   return out
 
 
-def _model_backend(args):
+def _model_role(args, name: str, max_new_tokens: int):
+  """A model role through the sampler: --hf_checkpoint, else a tiny random model."""
   import jax
   from flax import nnx
 
@@ -259,15 +337,40 @@ def _model_backend(args):
     from m2.model.hf import load_model
     model = load_model(args.hf_checkpoint)
     tok = load_tokenizer(args.tokenizer or args.hf_checkpoint)
-  else:   # a tiny random model: shows that the Fact Unit catches invented content
+  else:   # a tiny random model: shows that the checks catch invented content
     tok = ByteTokenizer()
     cfg = ModelConfig(vocab_size=tok.vocab_size, num_layers=1, embed_dim=32, num_heads=2,
                       num_kv_heads=1, head_dim=16, mlp_dim=64, max_position_embeddings=1024)
     model = Transformer(cfg, rngs=nnx.Rngs(jax.random.key(args.seed)))
-  role = ModelRole(Sampler(model), nnx.state(model), tok, name="simulator",
-                   sampling=SamplingParams(temperature=0.7, max_new_tokens=48),
+  return ModelRole(Sampler(model), nnx.state(model), tok, name=name,
+                   sampling=SamplingParams(temperature=0.7, max_new_tokens=max_new_tokens),
                    max_prompt_tokens=args.max_prompt_tokens)
-  return ModelPatientBackend(role, max_new_tokens=48)
+
+
+def rubric_quality(args) -> dict:
+  """The rubric generator (--rubric_generator) against HealthBench's physician rubrics."""
+  from m2.data.loaders import load_source
+  from m2.verifier.rubrics import (ModelRubricGenerator, ReferenceRubricGenerator,
+                                   healthbench_quality)
+  gen = (ReferenceRubricGenerator() if args.rubric_generator == "reference" else
+         ModelRubricGenerator(_model_role(args, "rubric_generator", args.rubric_new_tokens)))
+  out = {"generator": gen.name}
+  for split in ("oss_eval", "consensus"):
+    exs, _ = load_source("healthbench", purpose="eval", splits=(split,))
+    exs = exs[:args.examples] if args.examples else exs
+    before = getattr(gen, "fallbacks", 0)
+    out[split] = {"examples": len(exs), **healthbench_quality(exs, gen).summary()}
+    if gen.name == "model":   # rubrics the model could not write: the reference stood in
+      out[split]["fallbacks"] = gen.fallbacks - before
+      out[split]["fallback_rate"] = round((gen.fallbacks - before) / max(1, len(exs)), 4)
+    print(f"{split:10s} {out[split]}")
+  if gen.name == "model":
+    s = gen.stats
+    out["parse"] = {"lines": s.lines, "accepted": s.accepted, "rejected": s.rejected,
+                    "duplicates": s.duplicates, "clamped": s.clamped, "reasons": s.reasons}
+    print(f"{'parse':10s} {out['parse']}")
+  print(json.dumps({"eval": "rubric_quality", **out}))
+  return out
 
 
 def main(argv=None):
@@ -282,8 +385,16 @@ def main(argv=None):
   ap.add_argument("--max_turns", type=int, default=12)
   ap.add_argument("--max_retries", type=int, default=2)
   ap.add_argument("--rubric_quality", action="store_true",
-                  help="instead: the reference rubric generator against HealthBench's physician "
-                       "rubrics (coverage, sign agreement); evaluation only")
+                  help="instead: the rubric generator (--rubric_generator) against HealthBench's "
+                       "physician rubrics (coverage, sign agreement); evaluation only")
+  ap.add_argument("--rubric_generator", choices=("reference", "model"), default="reference",
+                  help="for --rubric_quality: templated rubrics, or prompted generation by a model "
+                       "(--hf_checkpoint, else a tiny random model; unusable output falls back to "
+                       "the reference rubric, counted)")
+  ap.add_argument("--rubric_new_tokens", type=int, default=256,
+                  help="for --rubric_generator=model: tokens generated per rubric")
+  ap.add_argument("--examples", type=int, default=0,
+                  help="for --rubric_quality: HealthBench examples per split (0: all)")
   ap.add_argument("--grader_sanity", action="store_true",
                   help="instead: how often the reference grader scores HealthBench's ideal "
                        "completion above an empty and a generic answer")
@@ -291,21 +402,16 @@ def main(argv=None):
   if args.grader_sanity:
     return grader_sanity()
   if args.rubric_quality:
-    from m2.data.loaders import load_source
-    from m2.verifier.rubrics import healthbench_quality
-    out = {}
-    for split in ("oss_eval", "consensus"):
-      exs, _ = load_source("healthbench", purpose="eval", splits=(split,))
-      out[split] = {"examples": len(exs), **healthbench_quality(exs).summary()}
-      print(f"{split:10s} {out[split]}")
-    print(json.dumps({"eval": "rubric_quality", **out}))
-    return out
-  cases = load_cases([s.strip() for s in args.cases.split(",") if s.strip()], args.limit)
-  backend = ReferencePatientBackend() if args.backend == "reference" else _model_backend(args)
+    return rubric_quality(args)
+  cases, sources = load_cases([s.strip() for s in args.cases.split(",") if s.strip()],
+                              args.limit)
+  backend = ReferencePatientBackend() if args.backend == "reference" else \
+      ModelPatientBackend(_model_role(args, "simulator", 48), max_new_tokens=48)
   t0 = time.time()
   result = evaluate(cases, backend, seed=args.seed, max_turns=args.max_turns,
                     max_retries=args.max_retries)
   result["seconds"] = round(time.time() - t0, 1)
+  result["sources"] = sources
   for k, v in result.items():
     print(f"{k:24s} {v if not isinstance(v, float) else round(v, 4)}")
   print(json.dumps({"eval": "simulator", **{k: (round(v, 4) if isinstance(v, float) else v)

@@ -5,7 +5,8 @@ facts and asks about treatment, I answers briefly and passively; F voices
 feelings, T sticks to facts; J asks about the plan), an emotional state, health
 literacy and verbosity. Social background comes from the case's demographics
 and social history. `sample_persona(case, seed)` draws one reproducibly (a hash
-of case id and seed), so a consultation can be replayed and reported.
+of case id and seed), so a consultation can be replayed and reported;
+`persona_summary` counts a sample by type and axis.
 
 `AffectiveUnit.render` turns the facts the Fact Unit allowed into a reply in
 that voice: third-person record sentences become first person, jargon becomes
@@ -15,6 +16,7 @@ volunteer one more fact and ask questions. Everything is deterministic.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import re
@@ -107,6 +109,20 @@ def sample_persona(case: PatientCase, seed: int = 0) -> Persona:
                  literacy=str(r.choice(LITERACY, p=[0.3, 0.45, 0.25])),
                  verbosity=str(r.choice(VERBOSITY, p=[0.3, 0.45, 0.25])),
                  background=social_background(case))
+
+
+def persona_summary(personas: Sequence[Persona]) -> dict:
+  """How sampled personas are distributed: counts by MBTI type, by each MBTI axis, and by
+  emotion, literacy and verbosity (so a report shows what the voices were measured on)."""
+  ps = list(personas)
+  count = lambda values, order: {k: n for k in order if (n := sum(v == k for v in values))}
+  out = {"personas": len(ps),
+         "mbti": dict(sorted(collections.Counter(p.mbti for p in ps).items()))}
+  for i, axis in enumerate(("EI", "SN", "TF", "JP")):
+    out[axis] = count([p.mbti[i] for p in ps], axis)
+  for field, order in (("emotion", EMOTIONS), ("literacy", LITERACY), ("verbosity", VERBOSITY)):
+    out[field] = count([getattr(p, field) for p in ps], order)
+  return out
 
 
 # ----------------------------------------------------------------- first person

@@ -3,6 +3,7 @@
     rubric = ReferenceRubricGenerator().generate(case)               # templated from the case
     rubric = ReferenceRubricGenerator().generate(case, dialogue=msgs) # for the next turns
     rubric = ModelRubricGenerator(role).generate(case)               # prompted, parsed robustly
+    rubric = gen.generate_for_conversation(messages)                 # no case: a health question
     report = rubric_quality(generated, reference)                   # coverage, sign agreement
 
 A `Criterion` has text, integer points in [-10, 10] (never 0), a dimension and
@@ -282,6 +283,9 @@ class ReferenceRubricGenerator:
       crits.append(Criterion(f"Fails to advise urgent care for {names}", -7, "accuracy"))
     return Rubric(tuple(dedupe(crits)[0]), source="reference:conversation")
 
+  def generate_for_conversations(self, conversations: Sequence[Sequence[Any]]) -> list[Rubric]:
+    return [self.generate_for_conversation(m) for m in conversations]
+
 
 def _role(m) -> str:
   return m.role if isinstance(m, Message) else m["role"]
@@ -350,9 +354,12 @@ def _json_objects(raw: str) -> Iterable[str]:
       yield line
 
 
-def parse_rubric_items(raw: str, *, source: str = "model") -> tuple[list[Criterion], ParseStats]:
+def parse_rubric_items(raw: str, *, source: str = "model", tags: Sequence[str] = (SCOPE_DIALOGUE,)
+                       ) -> tuple[list[Criterion], ParseStats]:
   """Parses generated criteria robustly: malformed items are rejected and
-  counted, near-duplicates dropped, points clamped to [-10, 10] with a warning."""
+  counted, near-duplicates dropped, points clamped to [-10, 10] with a warning.
+  `tags` go on every criterion (a case rubric judges the whole dialogue; pass ()
+  for one judged on the last reply)."""
   stats = ParseStats()
   crits = []
   for item in _json_objects(raw):
@@ -386,7 +393,7 @@ def parse_rubric_items(raw: str, *, source: str = "model") -> tuple[list[Criteri
     if dim is None:
       stats.reject("unknown dimension")
       continue
-    crits.append(Criterion(crit_text.strip(), points, dim, (SCOPE_DIALOGUE,)))
+    crits.append(Criterion(crit_text.strip(), points, dim, tuple(tags)))
   kept, dup = dedupe(crits)
   stats.duplicates = dup
   stats.accepted = len(kept)
@@ -448,6 +455,28 @@ class ModelRubricGenerator:
         rubrics.append(Rubric(tuple(crits), source=f"model:{case.id}"))
     return rubrics
 
+  def generate_for_conversation(self, messages: Sequence[Any]) -> Rubric:
+    return self.generate_for_conversations([messages])[0]
+
+  def generate_for_conversations(self, conversations: Sequence[Sequence[Any]]) -> list[Rubric]:
+    """Rubrics for health conversations without a case record (HealthBench-style prompts),
+    judged on the assistant's next reply; one batched decode."""
+    chats = [prompts.conversation_rubric_messages([(_role(m), _content(m)) for m in msgs],
+                                                  HEALTHBENCH_AXES) for msgs in conversations]
+    outs = self.role.complete(chats) if chats else []
+    rubrics = []
+    for i, (msgs, raw) in enumerate(zip(conversations, outs)):
+      crits, stats = parse_rubric_items(raw, source=f"rubric:conversation:{i}", tags=())
+      self.stats.merge(stats)
+      if not any(c.points > 0 for c in crits):
+        self.fallbacks += 1
+        log.warning("conversation rubric %d: no usable positive criterion from the model; using "
+                    "the reference rubric", i)
+        rubrics.append(self.fallback.generate_for_conversation(msgs))
+      else:
+        rubrics.append(Rubric(tuple(crits), source="model:conversation"))
+    return rubrics
+
 
 # ---------------------------------------------------------------- quality
 
@@ -505,15 +534,16 @@ def rubric_quality(generated: Rubric, reference: Rubric, threshold: float = 0.3)
   return RubricQuality(len(reference), len(generated), matched, agree)
 
 
-
-
-
-def healthbench_quality(examples, generator=None, threshold: float = 0.3) -> RubricQuality:
-  """Generated rubrics (from each prompt) against HealthBench's physician rubrics."""
+def healthbench_quality(examples, generator=None, threshold: float = 0.3,
+                        batch_size: int = 16) -> RubricQuality:
+  """Generated rubrics (from each prompt) against HealthBench's physician rubrics.
+  A model generator decodes `batch_size` prompts at a time."""
   generator = generator or ReferenceRubricGenerator()
+  examples = list(examples)
   total = RubricQuality(0, 0, 0, 0)
-  for e in examples:
-    total = total.merge(rubric_quality(generator.generate_for_conversation(e.messages),
-                                       Rubric.from_healthbench(e), threshold))
+  for start in range(0, len(examples), batch_size):
+    chunk = examples[start:start + batch_size]
+    for e, r in zip(chunk, generator.generate_for_conversations([e.messages for e in chunk])):
+      total = total.merge(rubric_quality(r, Rubric.from_healthbench(e), threshold))
   return total
 

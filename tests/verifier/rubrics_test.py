@@ -108,3 +108,54 @@ def test_quality_report_against_healthbench_physician_rubrics():
   # Recorded, not tuned: templated rubrics cover a minority of physician criteria.
   assert total.reference_items > 300
   assert 0.0 < total.coverage < 1.0 and 0.0 <= total.sign_agreement <= 1.0
+
+
+HEALTH_QUESTION = [{"role": "user", "content": "I've had chest pain since this morning. Should I "
+                                               "take an aspirin?"}]
+
+
+def test_model_generator_for_conversation_on_random_model_falls_back(tiny_role):
+  gen = R.ModelRubricGenerator(tiny_role)
+  rubric = gen.generate_for_conversation(HEALTH_QUESTION)
+  assert gen.fallbacks == 1 and gen.stats.accepted == 0           # random bytes are no rubric
+  assert rubric == R.ReferenceRubricGenerator().generate_for_conversation(HEALTH_QUESTION)
+
+
+class _CannedRole:
+  """A role that answers every chat with the same text and keeps what it was asked."""
+
+  def __init__(self, reply: str):
+    self.reply, self.chats = reply, []
+
+  def complete(self, chats, **kw):
+    self.chats += chats
+    return [self.reply] * len(chats)
+
+
+def test_model_generator_for_conversation_parses_and_counts():
+  raw = "\n".join([
+      '{"criterion": "Advises calling emergency services for chest pain", "points": 9, '
+      '"dimension": "completeness"}',
+      '{"criterion": "Recommends aspirin without asking about bleeding risk", "points": -6, '
+      '"dimension": "accuracy"}',
+      '{"criterion": "Advises calling emergency services for chest pain", "points": 8, '
+      '"dimension": "completeness"}',                                  # duplicate
+      'Sure! Here is a rubric:',                                      # chatter: rejected
+      '{"criterion": "Asks about the patient\'s age", "points": 3, "dimension": "vibes"}'])
+  role = _CannedRole(raw)
+  gen = R.ModelRubricGenerator(role)
+  rubrics = gen.generate_for_conversations([HEALTH_QUESTION, HEALTH_QUESTION])
+  assert gen.fallbacks == 0 and all(r.source == "model:conversation" for r in rubrics)
+  assert [c.points for c in rubrics[0]] == [9, -6]
+  assert all(c.scope == "last_turn" for c in rubrics[0])           # judged on the next reply
+  assert gen.stats.accepted == 4 and gen.stats.duplicates == 2 and gen.stats.rejected == 4
+  # The prompt carries the conversation, then the instructions (which survive a cut start).
+  prompt = role.chats[0][0]["content"]
+  assert "user: I've had chest pain" in prompt
+  assert prompt.index("chest pain") < prompt.index("Output one JSON object per line")
+  # Only negative criteria: not scoreable, so the reference rubric stands in, counted.
+  gen = R.ModelRubricGenerator(_CannedRole('{"criterion": "Recommends aspirin without asking '
+                                           'about bleeding risk", "points": -6, '
+                                           '"dimension": "accuracy"}'))
+  assert gen.generate_for_conversation(HEALTH_QUESTION).source == "reference:conversation"
+  assert gen.fallbacks == 1
