@@ -51,7 +51,8 @@ class ModelConfig:
   remat_policy: str = "none"
   scan_layers: bool = True
   # Weight-only fake quantization of the linear layers (m2/model/quant.py):
-  # "none", or e.g. "int4" / "int4_asym" / "int8_g64". "none" changes nothing.
+  # "none", or e.g. "int4" / "int4_asym" / "int8_g64"; "aqt:int4" runs the symmetric
+  # scheme on aqtp's quantizers. "none" changes nothing.
   quant: str = "none"
 
   def __post_init__(self):

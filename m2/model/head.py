@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from m2 import parallel
 
@@ -42,6 +43,7 @@ def _target_logprobs(h, w, targets, w_axes):
 
 
 def _fwd(h, w, targets, w_axes):
+  h, w, targets = h.value, w.value, targets.value
   out = logits(h, w, w_axes)
   logp, entropy, lse = _stats(out, targets)
   return (logp, entropy), (h, w, targets, out, lse, entropy)
@@ -53,16 +55,20 @@ def _bwd(w_axes, res, cotangents):
   logp_all = out - lse[:, None]
   probs = jnp.exp(logp_all)
   onehot = targets[:, None] == jnp.arange(out.shape[-1])[None, :]
-  # d log p_t / d l = onehot - p;  d H / d l = -p (log p + H)
-  d_logits = (d_logp[:, None] * (onehot - probs)
-              - d_entropy[:, None] * probs * (logp_all + entropy[:, None]))
+  # d log p_t / d l = onehot - p;  d H / d l = -p (log p + H). Entropy that is only
+  # logged has a symbolic-zero cotangent: its term is skipped, not multiplied by 0.
+  d_logits = jnp.zeros_like(out)
+  if not isinstance(d_logp, SymbolicZero):
+    d_logits = d_logp[:, None] * (onehot - probs)
+  if not isinstance(d_entropy, SymbolicZero):
+    d_logits = d_logits - d_entropy[:, None] * probs * (logp_all + entropy[:, None])
   d_logits = d_logits.astype(h.dtype)
   d_h = jnp.einsum(f"nv,{w_axes}->ne", d_logits, w.astype(h.dtype))
   d_w = jnp.einsum(f"nv,ne->{w_axes}", d_logits, h).astype(w.dtype)
   return d_h, d_w, None
 
 
-_target_logprobs.defvjp(_fwd, _bwd)
+_target_logprobs.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
 
 def target_logprobs(hidden: jax.Array, w: jax.Array, targets: jax.Array, w_axes: str):

@@ -2,7 +2,9 @@
 
 `ModelConfig.quant` switches it on: "none" (default: weights are used as they
 are, the traced graph is unchanged), or "int{4|8}[_asym][_g{group}]", e.g.
-"int4" (symmetric, group 128), "int4_asym_g64", "int8".
+"int4" (symmetric, group 128), "int4_asym_g64", "int8"; with an "aqt:" prefix
+("aqt:int4", "aqt:int8_g64", symmetric only) the same scheme runs on AQT
+(aqtp) quantizers: see `aqt_fake_quant`.
 
 Each linear weight is quantized along its input dimension in groups of
 `group` values, with one scale (and, asymmetric, one zero point) per output
@@ -16,13 +18,15 @@ or under jit. Scales are bfloat16 values, as serving engines keep them. Gradient
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 
 import jax
 import jax.numpy as jnp
+from aqt.jax.v2 import aqt_quantizer, tiled_dot_general
 
-_SPEC = re.compile(r"^int(?P<bits>4|8)(?P<asym>_asym)?(?:_g(?P<group>\d+))?$")
+_SPEC = re.compile(r"^(?P<aqt>aqt:)?int(?P<bits>4|8)(?P<asym>_asym)?(?:_g(?P<group>\d+))?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +34,7 @@ class QuantScheme:
   bits: int = 4
   symmetric: bool = True
   group_size: int = 128
+  backend: str = "m2"  # "m2": the hand-written ops below; "aqt": aqtp quantizers
 
   @property
   def qmin(self) -> int:
@@ -41,17 +46,22 @@ class QuantScheme:
 
 
 def parse(spec: str) -> QuantScheme | None:
-  """"none" -> None; "int4", "int8_asym", "int4_g64", ... -> QuantScheme."""
+  """"none" -> None; "int4", "int8_asym", "aqt:int4_g64", ... -> QuantScheme."""
   if spec == "none":
     return None
   m = _SPEC.match(spec)
   if not m:
-    raise ValueError(f"quant spec {spec!r}: want 'none' or int{{4|8}}[_asym][_g<group>], "
-                     f"e.g. 'int4', 'int4_asym_g64'")
+    raise ValueError(f"quant spec {spec!r}: want 'none', int{{4|8}}[_asym][_g<group>] or "
+                     f"aqt:int{{4|8}}[_g<group>], e.g. 'int4', 'int4_asym_g64', 'aqt:int4'")
   group = int(m["group"] or 128)
   if group <= 0:
     raise ValueError(f"quant spec {spec!r}: group size must be positive")
-  return QuantScheme(bits=int(m["bits"]), symmetric=not m["asym"], group_size=group)
+  if m["aqt"] and m["asym"]:
+    # aqtp 0.9.0 calibrates abs-max scales only; it has no zero point to match ours.
+    raise ValueError(f"quant spec {spec!r}: the aqt backend is symmetric only; use "
+                     f"{spec.removeprefix('aqt:')!r} for the asymmetric scheme")
+  return QuantScheme(bits=int(m["bits"]), symmetric=not m["asym"], group_size=group,
+                     backend="aqt" if m["aqt"] else "m2")
 
 
 def round_to_bf16(x):
@@ -96,6 +106,8 @@ def fake_quant(w, in_axes: int, scheme: QuantScheme):
   if n_in % scheme.group_size:
     raise ValueError(f"fake_quant: input dimension {n_in} (weight shape {shape}) is not a "
                      f"multiple of the group size {scheme.group_size}")
+  if scheme.backend == "aqt":
+    return aqt_fake_quant(w, in_axes, scheme)
   f32 = jnp.float32
   groups = w.reshape(n_in // scheme.group_size, scheme.group_size, -1).astype(f32)
   s, zero = group_scales(groups, scheme)
@@ -110,6 +122,55 @@ def fake_quant(w, in_axes: int, scheme: QuantScheme):
   deq = round_to_bf16(q * s).astype(w.dtype).reshape(shape)
   # Straight-through gradient; the value is exactly deq (w - stop_gradient(w) is 0).
   return w - jax.lax.stop_gradient(w) + jax.lax.stop_gradient(deq)
+
+
+def aqt_fake_quant(w, in_axes: int, scheme: QuantScheme):
+  """The symmetric `fake_quant` scheme on AQT: aqtp's abs-max calibration per tile
+  (= group), IntSymmetric numerics and its straight-through gradient.
+
+  It equals the hand-written path (tested) because `preserve_max_val=True` maps max|w|
+  to qmax (AQT's default maps it to qmax + 0.5 and clips) and scales and q * scale are
+  rounded to bfloat16, as the export format keeps them. The one possible difference:
+  AQT multiplies by 1 / scale where we divide, so a value within a float32 ulp of a
+  half step may round the other way. Call it through `fake_quant` (checks the group).
+  """
+  shape = w.shape
+  w2 = w.reshape(math.prod(shape[:in_axes]), -1).astype(jnp.float32)
+  return _aqt_qdq(w2, scheme.bits, scheme.group_size).astype(w.dtype).reshape(shape)
+
+
+def _aqt_tiling(shape, group):
+  # Groups along the input axis are AQT tiles: calibration shares a scale within a tile.
+  state = tiled_dot_general.TilingState(untiled_shape=tuple(shape))
+  state.tile_one_axis(tiled_dot_general.AxisTiling(axis=0, tile_size=group,
+                                                   tile_count=shape[0] // group))
+  return state
+
+
+def _aqt_qdq_fwd(w2, bits, group):
+  quantizer = aqt_quantizer.quantizer_make(bits, preserve_max_val=True)
+  qt = quantizer.calibrate(w2, calibration_axes=[0], tiling_state=_aqt_tiling(w2.shape, group))
+  qt = qt.replace(scale=[round_to_bf16(s) for s in qt.scale])
+  qt, quant_grad = quantizer.calculate_qvalue(w2, qt)
+  return round_to_bf16(qt.dequant()), quant_grad
+
+
+def _aqt_qdq_bwd(bits, group, quant_grad, g):
+  # AQT's numerics backward (IntSymmetric, clip_gradient=False: the identity, i.e. a
+  # straight-through estimator), applied on the tiled layout it was made for.
+  tiling = _aqt_tiling(g.shape, group)
+  grad, _ = quant_grad(tiling.apply(g))
+  return (tiling.unapply(grad),)
+
+
+# A custom VJP because autodiff through AQT's round gives a zero gradient; AQT hands
+# its backward to the caller (`quant_grad`), as its own dot_general does.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _aqt_qdq(w2, bits, group):
+  return _aqt_qdq_fwd(w2, bits, group)[0]
+
+
+_aqt_qdq.defvjp(_aqt_qdq_fwd, _aqt_qdq_bwd)
 
 
 def maybe_quant(w, in_axes: int, spec: str):
