@@ -107,9 +107,11 @@ def get_config(arg: str = "h100x8"):
       max_new_tokens=2048, doctor_max_new_tokens=512, max_prompt_tokens=8192, batch_size=64,
       grader="reference", grader_checkpoint="", simulator="reference",
       simulator_checkpoint=""))
+  # The draft distiller holds the target on one device: at 32B distil it on its own
+  # (`python -m export.bundle`), not inside this stage.
   c.export = ml_collections.ConfigDict(dict(dtype="bfloat16", quantize="gptq",
                                             calib_samples=128, calib_seq_len=2048,
-                                            quality_eval_limit=64))
+                                            quality_eval_limit=64, draft_layers=0))
   # The paper's verifier roles are models; point them at local checkpoints (an HF
   # folder or an m2 stage dir), e.g. --config.verifier.grader=model
   # --config.verifier.grader_checkpoint=/models/Qwen2.5-72B-Instruct.

@@ -3,13 +3,15 @@ r"""Tiny end-to-end pipeline on CPU: a 4-layer Qwen2 (d 256) on the shipped data
   python -m m2.main --config=configs/tiny.py --workdir=runs/tiny
 
 Stages: midtrain (LM loss on medical : math = 2 : 1, see below) then sft
-(doctor turns of MTS-Dialog and ACI-Bench, thinking off), both on the 8192-piece
-SentencePiece tokenizer that m2 trains on the de-identified corpus; then the
-RL side (m2/rl/stages.py): sft_rs (rejection-sampling SFT on verifiable QA),
+(doctor turns of MTS-Dialog and ACI-Bench plus PubMedQA answers, thinking off), both
+on the 8192-piece SentencePiece tokenizer that m2 trains on the de-identified corpus;
+then the RL side (m2/rl/stages.py): sft_rs (rejection-sampling SFT on verifiable QA),
 rl_rule (GRPO, exact-match rewards), rl_rubric (GRPO, one doctor reply graded on
 the case's rubric) and rl_multiturn (GRPO, whole consultations with the patient
-simulator), all with the reference verifier backends; then eval (HealthBench and
-held-out consultations, before and after RL) and export (HF safetensors + GPTQ int4).
+simulator; the rubric score plus the share of case facts the doctor elicited, a
+denser signal than the rubric that a 4-layer model can move), all with the reference
+verifier backends; then eval (HealthBench and held-out consultations, before and
+after RL) and export (HF safetensors + GPTQ int4).
 
 Time on the shared 2-core CPU it was measured on (load average ~7 from other jobs): 36 min
 wall and 22.5 min of CPU for all eight stages from a cold data cache, one kill and resume
@@ -76,6 +78,9 @@ def get_config():
 
   c.sft = ml_collections.ConfigDict(dict(
       sources=("mts_dialog", "aci_bench"),
+      # PubMedQA as one-turn chats answered "Answer: yes|no|maybe": the answer format the
+      # rule reward reads. The RL stages' QA prompts (MediQ, math) stay unseen.
+      qa_sources=("pubmedqa",),
       thinking_mode="off",  # no reasoning traces in these dialogues
       system="", pack=True,
       # 120 steps: held-out loss 5.08 (40 steps: 6.23, and the doctor rarely ended a turn).
@@ -98,11 +103,12 @@ def get_config():
   rl_optimizer = dict(learning_rate=2e-5, warmup_steps=0, decay_steps=0, end_lr_ratio=1.0,
                       weight_decay=0.0, grad_clip_norm=1.0, b2=0.99)
   c.sft_rs = ml_collections.ConfigDict(dict(
-      sources=("mediq_qa", "math"), samples_per_prompt=8, keep_threshold=1.0,
-      max_keep_per_prompt=2, max_prompt_len=192, max_new_tokens=24, temperature=1.0,
+      sources=("pubmedqa", "mediq_qa"), samples_per_prompt=8, keep_threshold=1.0,
+      # PubMedQA abstracts run to ~570 tokens (90th percentile).
+      max_keep_per_prompt=2, max_prompt_len=640, max_new_tokens=24, temperature=1.0,
       thinking_mode="off", system="",
       reward=dict(weights=dict(correct=1.0, format=0.2, safety=0.5)),
-      train=dict(steps=10, batch_size=8, seq_len=256, log_every=1, save_every=10,
+      train=dict(steps=10, batch_size=8, seq_len=672, log_every=1, save_every=10,
                  keep_checkpoints=1, seed=0, optimizer=dict(rl_optimizer, learning_rate=1e-4))))
   c.rl_rule = ml_collections.ConfigDict(dict(
       sources=("mediq_qa", "math"), max_prompt_len=192, max_new_tokens=24, temperature=1.0,
@@ -127,12 +133,17 @@ def get_config():
   c.rl_multiturn = ml_collections.ConfigDict(dict(c.rl_rubric.to_dict(), max_turns=2,
                                                   length_multiple=128))
   c.rl_multiturn.grpo.update(group_size=4, max_refill_rounds=0)
+  c.rl_multiturn.reward.weights.elicited = 1.0
   c.rl_multiturn.train.update(steps=20, batch_size=8, seq_len=320)
-  # HF safetensors + GPTQ int4 of the final weights (export/stage.py).
-  # quality.txt scores HealthBench on 4 examples per model (dense, RTN, GPTQ).
+  # The bundle of the final weights (export/stage.py): HF safetensors, GPTQ int4, a
+  # distilled 1-layer draft, serve.sh and the memory budget. quality.txt scores
+  # HealthBench on 4 examples per model (dense, RTN, GPTQ). The draft (40 steps on 32
+  # prompts x 48 target tokens, tokens per round on 4 held-out prompts) adds ~75 CPU-s here.
   c.export = ml_collections.ConfigDict(dict(dtype="bfloat16", quantize="gptq",
                                             calib_samples=64, calib_seq_len=256,
-                                            quality_eval_limit=4))
+                                            quality_eval_limit=4, draft_layers=1,
+                                            draft_steps=40, draft_prompts=32,
+                                            draft_new_tokens=48, draft_eval_prompts=4))
   # Verifier roles (m2/verifier/config.py VerifierConfig): "reference" needs no model.
   c.verifier = ml_collections.ConfigDict(dict(
       simulator="reference", rubric_generator="reference", grader="reference", max_turns=12,

@@ -12,6 +12,9 @@ The folder holds
   README.md   the memory budget, computed from the model config
   budget.json the same numbers
 
+The pipeline's `export` stage (export/stage.py) writes the same bundle into
+workdir/export/ with `write_bundle_files`, its target folder named int4/.
+
 Memory budget (bytes, from config.json alone):
   weights     every quantized linear: out*in*bits/8 packed + out*in/group bf16
               scales (+ packed zero points when asymmetric) + its shape vector;
@@ -157,7 +160,8 @@ def format_budget(name: str, b: dict) -> str:
       "| item | bytes |", "|---|---:|",
       f"| int{p['bits']} weights + scales (group {p['group_size']}), dense embeddings/head "
       f"| {gib(b['weights'])} |",
-      f"| draft layers (bf16, shares embeddings/head) | {gib(b['draft'])} |",
+      *([f"| draft layers (bf16, shares embeddings/head) | {gib(b['draft'])} |"]
+        if b["draft"] else []),
       f"| KV cache ({b['kv_bytes_per_token']:,} B/token x {b['context']:,} x {b['batch']}) "
       f"| {gib(b['kv_cache'])} |",
       f"| activations (prefill chunk {p['chunk_tokens']} tokens) | {gib(b['activations'])} |",
@@ -170,31 +174,51 @@ def format_budget(name: str, b: dict) -> str:
       + (f" (memory alone would allow {b['max_context_unclipped']:,}; the model's "
          f"max_position_embeddings caps it)" if b["max_context_unclipped"] > b["max_context"]
          else "") + ".",
-      "",
-      f"The draft's embeddings and LM head are counted once, with the target's. An engine "
-      f"that loads the draft as a separate model keeps a second copy: "
-      f"+{b['draft_embeddings_if_not_shared'] / GiB:.2f} GiB, which comes out of the KV cache "
-      f"(about {b['draft_embeddings_if_not_shared'] // max(b['kv_bytes_per_token'] * b['batch'], 1):,}"
-      f" tokens of context).",
   ]
+  if b["draft"]:
+    # Without a draft there is no second copy of the embeddings to warn about.
+    shared = b["draft_embeddings_if_not_shared"]
+    rows += [
+        "",
+        f"The draft's embeddings and LM head are counted once, with the target's. An engine "
+        f"that loads the draft as a separate model keeps a second copy: "
+        f"+{shared / GiB:.2f} GiB, which comes out of the KV cache "
+        f"(about {shared // max(b['kv_bytes_per_token'] * b['batch'], 1):,}"
+        f" tokens of context).",
+    ]
   return "\n".join(rows)
 
 
-def serve_script(plan: ServePlan, max_len: int) -> str:
+def serve_script(plan: ServePlan, max_len: int, *, target: str = "target",
+                 draft: str | None = "draft") -> str:
+  """serve.sh for the folders `target` and `draft` (None: no speculative decoding)."""
   kv_sglang = {"fp8": "fp8_e5m2", "bf16": "auto", "fp16": "auto", "auto": "auto"}[
       plan.kv_cache_dtype]
+  vllm_spec = sglang_spec = local_spec = ""
+  if draft is not None:
+    spec = (f'{{"method": "draft_model", "model": "\'"$DIR/{draft}"\'", '
+            f'"num_speculative_tokens": {plan.num_draft_tokens}}}')
+    vllm_spec = f"      --speculative-config '{spec}' \\\n"
+    sglang_spec = f"""      --speculative-algorithm STANDALONE \\
+      --speculative-draft-model-path "$DIR/{draft}" \\
+      --speculative-num-steps {plan.num_draft_tokens} \\
+      --speculative-eagle-topk 1 \\
+      --speculative-num-draft-tokens {plan.num_draft_tokens + 1} \\
+"""
+    local_spec = f' --draft "$DIR/{draft}"'
+  what = f"int{plan.bits} target + draft model" if draft is not None else f"int{plan.bits} target"
   return f"""#!/usr/bin/env bash
-# Serve this bundle on one 24 GB GPU (RTX 4090, sm_89): int4 target + draft model.
+# Serve this bundle on one 24 GB GPU (RTX 4090, sm_89): {what}.
 # max model length {max_len} comes from README.md's memory budget (batch {plan.batch}).
 # Usage: ./serve.sh vllm | ./serve.sh sglang     (port 8000)
-# The tokenizer is target/'s own: its tokenizer_config.json's auto_map makes AutoTokenizer
+# The tokenizer is {target}/'s own: its tokenizer_config.json's auto_map makes AutoTokenizer
 # read tokenizer.json as written (see export/to_hf.py write_tokenizer).
 set -euo pipefail
 DIR="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 ENGINE="${{1:-vllm}}"
 case "$ENGINE" in
   vllm)
-    exec vllm serve "$DIR/target" \\
+    exec vllm serve "$DIR/{target}" \\
       --quantization compressed-tensors \\
       --dtype bfloat16 \\
       --max-model-len {max_len} \\
@@ -202,11 +226,10 @@ case "$ENGINE" in
       --gpu-memory-utilization {plan.gpu_memory_utilization} \\
       --max-num-seqs {plan.batch} \\
       --max-num-batched-tokens {plan.chunk_tokens} \\
-      --speculative-config '{{"method": "draft_model", "model": "'"$DIR/draft"'", "num_speculative_tokens": {plan.num_draft_tokens}}}' \\
-      --port 8000
+{vllm_spec}      --port 8000
     ;;
   sglang)
-    exec python -m sglang.launch_server --model-path "$DIR/target" \\
+    exec python -m sglang.launch_server --model-path "$DIR/{target}" \\
       --quantization compressed-tensors \\
       --dtype bfloat16 \\
       --context-length {max_len} \\
@@ -214,15 +237,10 @@ case "$ENGINE" in
       --mem-fraction-static {plan.gpu_memory_utilization - 0.05:.2f} \\
       --max-running-requests {plan.batch} \\
       --chunked-prefill-size {plan.chunk_tokens} \\
-      --speculative-algorithm STANDALONE \\
-      --speculative-draft-model-path "$DIR/draft" \\
-      --speculative-num-steps {plan.num_draft_tokens} \\
-      --speculative-eagle-topk 1 \\
-      --speculative-num-draft-tokens {plan.num_draft_tokens + 1} \\
-      --port 8000
+{sglang_spec}      --port 8000
     ;;
   local)
-    exec python -m export.serve_local --model "$DIR/target" --draft "$DIR/draft" --port 8000
+    exec python -m export.serve_local --model "$DIR/{target}"{local_spec} --port 8000
     ;;
   *) echo "usage: $0 vllm|sglang|local" >&2; exit 2 ;;
 esac
@@ -276,33 +294,57 @@ def bundle(workdir: str, out: str, *, stage: str | None = None, overwrite: bool 
       (tmp / "quality.json").write_text(json.dumps({"rows": rows}, indent=1))
     report = draft_lib.build_draft(workdir, str(tmp / "draft"), draft_cfg, stage=stage,
                                    train_dir=str(tmp / ".draft_train"),
-                                   eval_prompts=draft_eval_prompts)
+                                   eval_prompts=draft_eval_prompts, k=plan.num_draft_tokens)
     shutil.rmtree(dense)
     shutil.rmtree(tmp / ".draft_train", ignore_errors=True)
-    for f in (*to_hf.TOKENIZER_FILES, to_hf.TOKENIZER_CODE):
-      shutil.copy(tmp / "target" / f, tmp / f)
-    hf = json.loads((tmp / "target" / "config.json").read_text())
-    draft_hf = json.loads((tmp / "draft" / "config.json").read_text())
-    budget = memory_budget(hf, plan, draft_hf)
-    big = memory_budget(qwen_32b_config(), plan, {**qwen_32b_config(), "num_hidden_layers": 1})
-    files = file_weight_bytes(tmp / "target")
-    check = {**files, "budget_weights": budget["weights"],
-             "relative_error": abs(files["tensor_bytes"] - budget["weights"])
-             / files["tensor_bytes"]}
-    max_len = max(1, min(budget["max_context"], hf.get("max_position_embeddings", 32768)))
-    script = tmp / "serve.sh"
-    script.write_text(serve_script(plan, max_len))
-    script.chmod(0o755)
-    (tmp / "budget.json").write_text(json.dumps(
-        {"this_model": budget, "qwen2_5_32b": big, "file_check": check,
-         "draft_report": report}, indent=2))
-    (tmp / "README.md").write_text(_readme(budget, big, check, report, plan,
-                                           draft_hf["num_hidden_layers"], quality))
+    write_bundle_files(tmp, plan, draft_report=report, quality=quality, method=quant.method)
   return pathlib.Path(out)
 
 
-def _readme(budget, big, check, report, plan, draft_layers: int, quality: str = "") -> str:
-  spec = report.get("m2_speculative", {})
+def write_bundle_files(root, plan: ServePlan, *, target: str = "target",
+                       draft: str | None = "draft", draft_report: dict | None = None,
+                       quality: str = "", method: str = "gptq",
+                       notes: tuple[str, ...] = ()) -> dict:
+  """The serving files of a bundle around folders already in `root`: the int4 target
+  `root/target` and the draft `root/draft` (None: a bundle without speculative
+  decoding). Copies the tokenizer files to `root` and writes serve.sh, budget.json and
+  README.md (`quality`: export.quantize.format_report's table; `notes`: extra README
+  lines about the folder). Returns budget.json's content."""
+  from export import to_hf
+
+  root = pathlib.Path(root)
+  for f in (*to_hf.TOKENIZER_FILES, to_hf.TOKENIZER_CODE):
+    shutil.copy(root / target / f, root / f)
+  hf = json.loads((root / target / "config.json").read_text())
+  draft_hf = None if draft is None else json.loads((root / draft / "config.json").read_text())
+  budget = memory_budget(hf, plan, draft_hf)
+  big_hf = qwen_32b_config()
+  # The 32B plan mirrors this bundle: a 1-layer draft when it ships one.
+  big = memory_budget(big_hf, plan, None if draft is None else {**big_hf,
+                                                               "num_hidden_layers": 1})
+  files = file_weight_bytes(root / target)
+  check = {**files, "budget_weights": budget["weights"],
+           "relative_error": abs(files["tensor_bytes"] - budget["weights"])
+           / files["tensor_bytes"]}
+  max_len = max(1, min(budget["max_context"], hf.get("max_position_embeddings", 32768)))
+  script = root / "serve.sh"
+  script.write_text(serve_script(plan, max_len, target=target, draft=draft))
+  script.chmod(0o755)
+  content = {"this_model": budget, "qwen2_5_32b": big, "file_check": check,
+             "max_model_len": max_len, "target": target, "draft": draft}
+  if draft is not None:
+    content["draft_report"] = draft_report or {}
+  (root / "budget.json").write_text(json.dumps(content, indent=2))
+  draft_layers = None if draft_hf is None else draft_hf["num_hidden_layers"]
+  (root / "README.md").write_text(_readme(budget, big, check, draft_report or {}, plan,
+                                          draft_layers, quality, target=target, draft=draft,
+                                          method=method, notes=notes))
+  return content
+
+
+def _readme(budget, big, check, report, plan, draft_layers: int | None, quality: str = "", *,
+            target: str = "target", draft: str | None = "draft", method: str = "gptq",
+            notes: tuple[str, ...] = ()) -> str:
   if quality:
     quality = f"""
 ## int4 quality (held-out MTS-Dialog test1; KL and agreement against the dense model)
@@ -311,17 +353,26 @@ def _readme(budget, big, check, report, plan, draft_layers: int, quality: str = 
 {quality}
 ```
 """
+  if draft is None:
+    draft_line = "- no draft model: serve.sh runs the target alone (no speculative decoding)."
+    big_name = f"Qwen2.5-32B, int{plan.bits} {method.upper()}"
+  else:
+    spec = report.get("m2_speculative", {})
+    draft_line = f"""- `{draft}/`: distilled {draft_layers}-layer draft sharing the tokenizer;
+  m2 speculative sampler at k={spec.get('k')}: {spec.get('tokens_per_round', float('nan')):.2f}
+  tokens per round, {spec.get('speedup', float('nan')):.2f}x wall speed-up (CPU, batch 1)."""
+    big_name = f"Qwen2.5-32B, int{plan.bits} {method.upper()} + 1-layer draft"
+  extra = "".join(f"\n- {n}" for n in notes)
+  assisted = "" if draft is None else " + assisted generation"
   return f"""# m2 consumer-GPU bundle
 
 `./serve.sh vllm`, `./serve.sh sglang` (one 24 GB GPU) or `./serve.sh local` (CPU fallback,
-transformers + assisted generation, OpenAI-compatible `/v1/chat/completions`).
+transformers{assisted}, OpenAI-compatible `/v1/chat/completions`).
 
-- `target/`: int{plan.bits} W4A16 GPTQ, group {plan.group_size}, compressed-tensors
-  `pack-quantized` (vLLM loads it with Marlin kernels on sm_80+, e.g. RTX 4090 sm_89).
-- `draft/`: distilled {draft_layers}-layer draft sharing the tokenizer;
-  m2 speculative sampler at k={spec.get('k')}: {spec.get('tokens_per_round', float('nan')):.2f}
-  tokens per round, {spec.get('speedup', float('nan')):.2f}x wall speed-up (CPU, batch 1).
-
+- `{target}/`: int{plan.bits} W{plan.bits}A16 {method.upper()}, group {plan.group_size},
+  compressed-tensors `pack-quantized` (vLLM loads it with Marlin kernels on sm_80+,
+  e.g. RTX 4090 sm_89).
+{draft_line}{extra}
 {quality}
 ## This model
 
@@ -333,7 +384,7 @@ Weight bytes of the budget vs the files written: {check['budget_weights']:,} vs
 
 ## Qwen2.5-32B (the Baichuan-M2 base) on one 24 GB GPU
 
-{format_budget('Qwen2.5-32B, int4 GPTQ + 1-layer draft', big)}
+{format_budget(big_name, big)}
 
 The engines' own numbers differ by their allocator and CUDA-graph settings; the
 overhead line is an assumption, not a measurement. None of the serve.sh lines was

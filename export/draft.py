@@ -61,11 +61,12 @@ def init_draft_params(target_params: dict, layers: int) -> dict:
   return out
 
 
-def medical_prompts(tokenizer, split: str, n: int, length: int, seed: int = 0) -> list[list[int]]:
+def medical_prompts(tokenizer, split: str, n: int, length: int, seed: int = 0,
+                    data_dir: str | None = None) -> list[list[int]]:
   """`n` prompts of `length` tokens: the start of de-identified MTS-Dialog documents."""
   from export.quantize import medical_texts
 
-  docs = medical_texts(split)
+  docs = medical_texts(split, data_dir=data_dir)
   rng = np.random.default_rng(seed)
   prompts = []
   for i in rng.permutation(len(docs)):
@@ -120,7 +121,8 @@ def m2_model(cfg, params):
   return model
 
 
-def distill(target_cfg, target_params, tokenizer, workdir: str, cfg: DraftConfig):
+def distill(target_cfg, target_params, tokenizer, workdir: str, cfg: DraftConfig, *,
+            data_dir: str | None = None):
   """Trains the draft in `workdir` (resumable, m2's train loop). Returns (cfg, params, report)."""
   import jax
   from flax import nnx
@@ -130,7 +132,7 @@ def distill(target_cfg, target_params, tokenizer, workdir: str, cfg: DraftConfig
   from m2.train.optimizer import OptimizerConfig
 
   target = m2_model(target_cfg, target_params)
-  prompts = medical_prompts(tokenizer, "train", cfg.prompts, cfg.prompt_len, cfg.seed)
+  prompts = medical_prompts(tokenizer, "train", cfg.prompts, cfg.prompt_len, cfg.seed, data_dir)
   start = time.time()
   samples, prompt_len = target_samples(target, nnx.state(target), prompts, cfg.new_tokens)
   sample_s = time.time() - start
@@ -174,7 +176,7 @@ def speculative_stats(target_cfg, target_params, draft_cfg, draft_params, prompt
     out = fn()
     return out, time.perf_counter() - start
 
-  rounds, per_prompt = [], []
+  rounds, accepted = [], []
   plain_s = spec_s = 0.0
   same = True
   for p in prompts:             # batch 1: single-user decoding, as on a 24 GB GPU
@@ -184,7 +186,9 @@ def speculative_stats(target_cfg, target_params, draft_cfg, draft_params, prompt
     plain_s += t0
     spec_s += t1
     rounds.append(out.stats["tokens_per_round"])
+    accepted.append(out.stats["acceptance_rate"])
   return {"k": k, "tokens_per_round": float(np.mean(rounds)),
+          "acceptance_rate": float(np.mean(accepted)),
           "speedup": plain_s / spec_s, "plain_s": plain_s, "speculative_s": spec_s,
           "identical_to_plain_greedy": bool(same), "prompts": len(prompts)}
 
@@ -225,10 +229,25 @@ def build_draft(workdir: str, out: str, cfg: DraftConfig, *, stage: str | None =
   tokenizer = to_hf.load_run_tokenizer(meta)
   train_dir = train_dir or os.path.join(os.path.dirname(os.path.abspath(out)),
                                         f".{os.path.basename(out)}.train")
+  return draft_folder(target_cfg, target_params, tokenizer, out, cfg, train_dir=train_dir,
+                      overwrite=overwrite, eval_prompts=eval_prompts, eval_tokens=eval_tokens,
+                      k=k)
+
+
+def draft_folder(target_cfg, target_params, tokenizer, out: str, cfg: DraftConfig, *,
+                 train_dir: str, overwrite: bool = False, eval_prompts: int = 8,
+                 eval_tokens: int = 64, k: int = 4, data_dir: str | None = None) -> dict:
+  """`build_draft` from weights in memory (a nested dict of host arrays), e.g. those the
+  pipeline's export stage receives. Writes the HF folder `out` (atomically) with
+  draft_report.json; `train_dir` keeps the distillation checkpoints (a rerun resumes)."""
+  from export import to_hf
+
   with to_hf.atomic_dir(out, overwrite) as tmp:
-    dcfg, dparams, report = distill(target_cfg, target_params, tokenizer, train_dir, cfg)
+    dcfg, dparams, report = distill(target_cfg, target_params, tokenizer, train_dir, cfg,
+                                    data_dir=data_dir)
     to_hf.write_hf_folder(dcfg, dparams, tmp, tokenizer)
-    held = medical_prompts(tokenizer, "test1", eval_prompts, cfg.prompt_len, cfg.seed + 1)
+    held = medical_prompts(tokenizer, "test1", eval_prompts, cfg.prompt_len, cfg.seed + 1,
+                           data_dir)
     report["m2_speculative"] = speculative_stats(target_cfg, target_params, dcfg, dparams,
                                                  held, eval_tokens, k)
     (tmp / "draft_report.json").write_text(json.dumps(report, indent=2))

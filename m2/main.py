@@ -8,7 +8,8 @@ Stages (config.stages, in order): `midtrain` (LM loss on the medical/general/mat
 mix, held-out loss every `eval_every` steps), `sft` (assistant-only loss on doctor
 turns), the RL stages of m2/rl/stages.py (`sft_rs`, `rl_rule`, `rl_rubric`,
 `rl_multiturn`), `eval` (HealthBench + held-out consultations, before and after
-RL, m2/eval/stage.py) and `export` (HF safetensors + int4, export/stage.py).
+RL, m2/eval/stage.py) and `export` (HF safetensors, int4, a distilled draft and the
+serve.sh / memory-budget bundle, export/stage.py).
 Each stage writes `workdir/<stage>/`: checkpoints, metrics.jsonl, TensorBoard
 events, DONE (headline metric, wall and CPU seconds) and its own outputs. A
 finished stage is skipped, an interrupted one resumes from its last checkpoint
@@ -96,6 +97,9 @@ class MidtrainConfig:
 class SFTConfig:
   """config.sft: assistant-only loss on the doctor turns of dialogue sources."""
   sources: tuple[str, ...] = ("mts_dialog", "aci_bench")
+  # QA sources (m2/data/loaders.py, "math") as one-turn chats answered "Answer: <gold>";
+  # keep them apart from the RL stages' prompts.
+  qa_sources: tuple[str, ...] = ()
   thinking_mode: str = "off"   # Baichuan-M2's switch: "on", "off" or "auto"
   system: str = ""             # a system prompt for every chat ("": none)
   pack: bool = True            # first-fit pack windows into rows (else one per row, padded)
@@ -204,7 +208,8 @@ def run_midtrain(config, workdir, model_cfg, mesh_cfg, init_params):
 
 
 def run_sft(config, workdir, model_cfg, mesh_cfg, init_params):
-  """Assistant-only loss on the doctor turns of the dialogue sets, from midtrain's weights."""
+  """Assistant-only loss on the doctor turns of the dialogue sets (and the answers of
+  `qa_sources`), from midtrain's weights."""
   import jax
 
   from m2.data import pipelines
@@ -215,10 +220,19 @@ def run_sft(config, workdir, model_cfg, mesh_cfg, init_params):
   train_cfg = stage.train
   data_cfg, tokenizer = _data_setup(config, model_cfg)
   chats = _prepare("chats", stage.sources, data_cfg)
+  qa = _prepare("prompts", stage.qa_sources, data_cfg) if stage.qa_sources else None
+
+  def sources(heldout: bool) -> dict:
+    pools = chats.sources_dict(heldout)
+    if qa is not None:
+      pools.update({f"{k}:qa": v for k, v in pipelines.qa_chats(qa.sources_dict(heldout)).items()})
+    return pools
+
   fmt = ChatFormat(tokenizer, thinking_mode=stage.thinking_mode, system=stage.system or None)
-  stats = pipelines.window_stats(chats.sources_dict(), fmt, train_cfg.seq_len)
+  stats = pipelines.window_stats(sources(False), fmt, train_cfg.seq_len)
   log.info("sft windows (seq_len %d): %s", train_cfg.seq_len, stats.summary())
   _save_json(workdir, "data.json", {"tokenizer": data_cfg.tokenizer, "chats": chats.report,
+                                    "qa": qa.report if qa else None,
                                     "windows": dataclasses.asdict(stats)})
   if init_params is None:
     log.warning("sft starts from random weights: no earlier stage ran and no hf_checkpoint")
@@ -226,17 +240,17 @@ def run_sft(config, workdir, model_cfg, mesh_cfg, init_params):
 
   def data(heldout: bool, seed: int):
     return pipelines.sft_dataset(
-        chats.sources_dict(heldout), fmt, batch_size=train_cfg.batch_size // hosts,
+        sources(heldout), fmt, batch_size=train_cfg.batch_size // hosts,
         seq_len=train_cfg.seq_len, seed=seed, pack=stage.pack, shard_index=host,
         shard_count=hosts, read_threads=data_cfg.read_threads)
 
-  has_heldout = any(r["heldout"] for r in chats.report["sources"].values())
+  has_heldout = any(r["heldout"] for p in (chats, qa) if p for r in p.report["sources"].values())
   if not has_heldout and train_cfg.eval_every:
     log.warning("sft: no held-out chats (config.data.heldout_fraction); no eval_loss")
   result = train(model_cfg, train_cfg, mesh_cfg, data(False, train_cfg.seed), workdir,
                  init_params=init_params,
                  eval_dataset=data(True, train_cfg.seed + 1) if has_heldout else None,
-                 meta={"stage": "sft", "sources": list(stage.sources),
+                 meta={"stage": "sft", "sources": list(stage.sources + stage.qa_sources),
                        "tokenizer": data_cfg.tokenizer, "thinking_mode": stage.thinking_mode})
   return _headline(result)
 
@@ -255,7 +269,8 @@ STAGES.update(rl_stages.STAGES)        # sft_rs, rl_rule, rl_rubric, rl_multitur
 
 
 def run_export(config, workdir, model_cfg, mesh_cfg, init_params):
-  """HF safetensors (+ int4 with config.export.quantize) of the previous stage's weights.
+  """HF safetensors (+ int4 and the bundle with config.export.quantize, + a distilled
+  draft with config.export.draft_layers) of the previous stage's weights.
   `export/` sits above the library; it is imported only when this stage runs."""
   from export.stage import run_export_stage
   return run_export_stage(config, workdir, model_cfg, init_params)
@@ -404,6 +419,17 @@ def summary_table(results: list[StageResult]) -> str:
   return "\n".join(lines)
 
 
+def export_line(workdir: str) -> str | None:
+  """Where the export stage put the model: the bundle (the folder with serve.sh), else
+  the dense folder (config.export.quantize="" writes no int4 target to serve)."""
+  folder = os.path.abspath(os.path.join(workdir, "export"))
+  if os.path.isfile(os.path.join(folder, "serve.sh")):
+    return f"exported bundle: {folder}"
+  if os.path.isdir(os.path.join(folder, "hf")):
+    return f"exported model (dense, no bundle: config.export.quantize is empty): {folder}/hf"
+  return None
+
+
 def main(argv):
   del argv
   if _WORKDIR.value is None:
@@ -423,9 +449,10 @@ def main(argv):
   table = eval_stage.comparison_table(_WORKDIR.value)
   if table:
     print("\neval scores before / after RL:\n" + table)
-  bundle = os.path.join(_WORKDIR.value, "export")
-  if any(r.name == "export" for r in results) and os.path.isdir(bundle):
-    print(f"\nexported bundle: {os.path.abspath(bundle)}")
+  if any(r.name == "export" for r in results):
+    line = export_line(_WORKDIR.value)
+    if line:
+      print("\n" + line)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ def test_sft_starts_from_midtrain_weights_and_trains_on_doctor_turns(tmp_path, c
   c.stages = ("midtrain", "sft")
   c.midtrain.train.update(steps=2, save_every=2, eval_every=0)
   c.sft.sources = ("aci_bench",)
+  c.sft.qa_sources = ("pubmedqa",)
   results = main.run(c, str(tmp_path))
   assert [(r.name, r.status, r.metric) for r in results] == [
       ("midtrain", "ran", "loss"), ("sft", "ran", "eval_loss")]
@@ -91,8 +92,11 @@ def test_sft_starts_from_midtrain_weights_and_trains_on_doctor_turns(tmp_path, c
   from m2.train.metrics import read_metrics
   rows = read_metrics(str(tmp_path / "sft"))
   assert [r["step"] for r in rows] == [0, 2, 4] and all("eval_loss" in r for r in rows)
-  windows = json.loads((tmp_path / "sft" / "data.json").read_text())["windows"]
-  assert windows["chats"] == 84 and 0 < windows["assistant_tokens"] < windows["tokens"]
+  data = json.loads((tmp_path / "sft" / "data.json").read_text())
+  windows, qa = data["windows"], data["qa"]["sources"]["pubmedqa"]
+  # the dialogues' chats plus one per PubMedQA training item (its test split stays out)
+  assert qa["excluded"] == 500 and windows["chats"] == 84 + qa["train"]
+  assert 0 < windows["assistant_tokens"] < windows["tokens"]
   again = main.run(c, str(tmp_path), stages=["sft"])
   assert [(r.name, r.status) for r in again] == [("sft", "skipped")]
 

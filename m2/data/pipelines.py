@@ -371,6 +371,20 @@ def _qa_item(row) -> records.QAItem:
   return records.from_dict(json.loads(_field(row, "record")))
 
 
+def qa_messages(row) -> list[records.Message]:
+  """A QA item as a one-turn chat: the RL prompt, and the gold answer in the form the
+  rule reward reads ("Answer: B", "Answer: yes", "Answer: 42")."""
+  item = _qa_item(row)
+  return [records.Message("user", item.prompt()),
+          records.Message("assistant", f"Answer: {item.answer}")]
+
+
+def qa_chats(items: Mapping[str, Sequence]) -> dict[str, grain.MapDataset]:
+  """Per source, QA items as chats for `sft_dataset` (read lazily, row by row)."""
+  return {name: grain.MapDataset.source(pool).map(qa_messages)
+          for name, pool in items.items() if len(pool)}
+
+
 def prompt_examples(items: Mapping[str, Sequence] | Sequence, fmt: ChatFormat,
                     max_prompt_len: int = 1024) -> list[dict]:
   """Encoded prompts: {"id", "source", "prompt", "answer", "answer_text", "prompt_ids", "item"}.

@@ -34,6 +34,9 @@ class RewardConfig:
   format:  rule tasks: 0.5 for a readable answer + 0.5 for ending by itself (not
            truncated); open tasks: ended by itself with some text.
   safety:  minus the number of unsafe-advice patterns found (capped at 1).
+  elicited: consultations: the share of the case's facts that the doctor's questions
+           entitled the patient to reveal (the simulator's Fact Unit; volunteered facts
+           do not count). Denser than the rubric's "asks about" criteria.
   """
   weights: Mapping[str, float] = dataclasses.field(
       default_factory=lambda: {"correct": 1.0, "format": 0.2, "safety": 0.5})
@@ -51,7 +54,7 @@ class RewardConfig:
     return float(sum(w * parts.get(k, 0.0) for k, w in self.weights.items()))
 
 
-PARTS = ("correct", "rubric", "format", "safety", "length")
+PARTS = ("correct", "rubric", "format", "safety", "length", "elicited")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,14 +213,17 @@ def rule_reward(item: QAItem, response: str, cfg: RewardConfig, *, finished: boo
 
 
 def rubric_reward(score: float | None, response: str, cfg: RewardConfig, *,
-                  finished: bool = True) -> Reward:
-  """Composes a grader score (None: the judge failed) with the shaping terms.
+                  finished: bool = True, elicited: float | None = None) -> Reward:
+  """Composes a grader score (None: the judge failed) with the shaping terms
+  (and, for a consultation, the share of facts it elicited).
 
   A failed judgement scores 0 on the rubric and is flagged, so the caller counts it.
   """
   failed = score is None
   parts = {"rubric": 0.0 if failed else float(score),
            "format": format_score(response, finished), "safety": safety_score(response)}
+  if elicited is not None:
+    parts["elicited"] = float(elicited)
   return Reward(cfg.total(parts), parts, failed=failed)
 
 

@@ -112,6 +112,9 @@ class Episode:
   turn_tokens: list[int] = dataclasses.field(default_factory=list)   # sampled per turn
   ended_by: str = ""           # "gate", "turn_limit", "empty_turn" or "length"
   finished: bool = True        # every doctor turn ended with a stop token
+  # Case facts the doctor's turns entitled the patient to reveal (the Fact Unit's
+  # verdict; volunteered facts are not the doctor's doing).
+  elicited: set = dataclasses.field(default_factory=set)
 
   def trajectory(self) -> Trajectory:
     return Trajectory(self.tokens.ids, self.tokens.mask, self.logprobs)
@@ -189,6 +192,7 @@ def consultations(sampler: Sampler, params, env, cases: Sequence[Any], fmt,
       if res is None:
         continue
       msg, done, info = res
+      episodes[i].elicited.update(info.get("entitled", ()))
       stats.add("fallback_replies", int(bool(info.get("fallback"))))
       stats.add("rejected_replies", int(info.get("rejections", 0)))
       if done:

@@ -258,9 +258,10 @@ def load_cases(sources: Sequence[str], data_cfg, limit: int = 0):
   return cases
 
 
-def grade_episodes(grader, episodes: Sequence[rollout.Episode], rubrics, cfg: RewardConfig
-                   ) -> list[Reward]:
-  """The reward of each consultation: its final rubric score plus the shaping terms.
+def grade_episodes(grader, episodes: Sequence[rollout.Episode], rubrics, cfg: RewardConfig,
+                   cases: Sequence[Any] | None = None) -> list[Reward]:
+  """The reward of each consultation: its final rubric score plus the shaping terms,
+  and with `cases` the share of each case's visible facts the doctor elicited.
 
   The rubric part is the per-example HealthBench score (achieved / possible
   points) as the grader returns it, not clipped at 0: a case whose red flags
@@ -274,9 +275,10 @@ def grade_episodes(grader, episodes: Sequence[rollout.Episode], rubrics, cfg: Re
   convs = [e.graded_transcript() if e.doctor_turns else [*e.messages[:1], Message("assistant", "")]
            for e in episodes]
   out = []
-  for e, r in zip(episodes, grader.grade_batch(list(zip(convs, rubrics)))):
+  for i, (e, r) in enumerate(zip(episodes, grader.grade_batch(list(zip(convs, rubrics))))):
+    elicited = None if cases is None else len(e.elicited) / max(1, len(cases[i].visible_facts))
     out.append(rewards.rubric_reward(r.score, e.doctor_turns[-1] if e.doctor_turns else "", cfg,
-                                     finished=e.finished))
+                                     finished=e.finished, elicited=elicited))
   return out
 
 
@@ -329,7 +331,7 @@ class ConsultationTask:
         max_length=self.stage.train.seq_len + 1, stats=stats)
     stats.add("no_doctor_turn", sum(not e.doctor_turns for e in episodes))
     all_rewards = grade_episodes(self.verifier.grader, episodes, [self._rubric(c) for c in rows],
-                                 self.stage.reward)
+                                 self.stage.reward, rows)
     groups = []
     for g in range(n):
       eps = episodes[g * group_size:(g + 1) * group_size]

@@ -236,3 +236,20 @@ def test_rl_prompts_carry_ids_text_gold_answer_and_source(cfg, caplog):
   resumed.set_state(state)
   assert next(resumed)["id"] == nxt["id"]
   assert "longer than 1500 tokens and left out" in caplog.text   # long abstracts, counted
+
+
+def test_qa_chats_train_exactly_the_gold_answer_the_rule_reward_reads(cfg):
+  from m2.rl import rewards
+  prompts = pipelines.prepare_data("prompts", ("pubmedqa", "math"), cfg[0])
+  chats = pipelines.qa_chats(prompts.sources_dict())
+  assert set(chats) == {"pubmedqa", "math"}
+  for name, pool in chats.items():
+    for i in range(3):
+      item = pipelines._qa_item(prompts.source(name)[i])
+      user, reply = pool[i]
+      assert (user.role, user.content) == ("user", item.prompt())
+      assert reply.role == "assistant" and rewards.is_correct(item, reply.content)
+  fmt = ChatFormat(TOK)
+  batch = next(iter(pipelines.sft_dataset(chats, fmt, batch_size=4, seq_len=1024, pack=False)))
+  for targets, mask in zip(batch["targets"], batch["loss_mask"]):
+    assert re.fullmatch(r"Answer: \S+<\|im_end\|>", TOK.decode(targets[mask == 1]))

@@ -157,19 +157,40 @@ def test_sentencepiece_export_loads_with_autotokenizer_as_m2_tokenises(tmp_path)
       assert (tok.eos_token_id, tok.pad_token_id) == (sp.eos_id, sp.pad_id), where
 
 
-def test_export_stage_of_m2_main(trained_run):
+def test_export_stage_of_m2_main(trained_run, tmp_path):
+  import shutil
+
   import ml_collections
 
+  from export import bundle
   from m2 import main
   c = tiny_export_config(os.path.join(os.path.dirname(trained_run), "cache"))
   c.stages = ("midtrain", "export")
   c.export = ml_collections.ConfigDict(dict(dtype="", quantize="rtn", calib_samples=16,
                                             calib_seq_len=128, quality_windows=4,
-                                            quality_eval_limit=2, quality_eval_max_new_tokens=8))
+                                            quality_eval_limit=2, quality_eval_max_new_tokens=8,
+                                            draft_layers=1, draft_steps=10, draft_prompts=16,
+                                            draft_new_tokens=32, draft_eval_prompts=2))
   results = main.run(c, trained_run)
   assert [(r.name, r.status) for r in results] == [("midtrain", "skipped"), ("export", "ran")]
   stage = os.path.join(trained_run, "export")
-  assert {"DONE", "hf", "int4", "quality.json", "quality.txt"} <= set(os.listdir(stage))
+  # The stage dir is the bundle: int4 target, draft, tokenizer, serve.sh, budget, README.
+  assert {"DONE", "hf", "int4", "draft", "quality.json", "quality.txt", "serve.sh",
+          "budget.json", "README.md", "tokenizer.json", "tokenizer_config.json",
+          to_hf.TOKENIZER_CODE} <= set(os.listdir(stage))
+  assert not [n for n in os.listdir(stage) if n.startswith(".")]   # no draft train dir left
+  assert main.export_line(trained_run) == f"exported bundle: {os.path.abspath(stage)}"
+  draft = json.loads(open(os.path.join(stage, "draft", "config.json")).read())
+  assert draft["num_hidden_layers"] == 1
+  script = open(os.path.join(stage, "serve.sh")).read()
+  assert os.access(os.path.join(stage, "serve.sh"), os.X_OK)
+  assert '"$DIR/int4"' in script and '--speculative-draft-model-path "$DIR/draft"' in script
+  budget = json.load(open(os.path.join(stage, "budget.json")))
+  assert budget["file_check"]["relative_error"] < 0.02 and budget["target"] == "int4"
+  spec = budget["draft_report"]["m2_speculative"]
+  assert spec["k"] == 4 and spec["identical_to_plain_greedy"]
+  readme = open(os.path.join(stage, "README.md")).read()
+  assert "Largest context" in readme and "`draft/`: distilled 1-layer draft" in readme
   # The quality table: dense reference, bf16 and RTN, with the eval score before and after.
   rows = {r["method"]: r for r in json.load(open(os.path.join(stage, "quality.json")))["rows"]}
   assert list(rows) == ["fp32", "bf16", "rtn"]
@@ -179,7 +200,42 @@ def test_export_stage_of_m2_main(trained_run):
   with open(os.path.join(stage, "metrics.jsonl")) as f:
     final = json.loads(f.readlines()[-1])
   assert final["ppl_int4"] == rows["rtn"]["ppl"] and final["kl_int4"] == rows["rtn"]["kl"]
+  # The draft's acceptance length reaches metrics.jsonl (1: nothing accepted, k + 1: all).
+  assert final["tokens_per_round"] == spec["tokens_per_round"]
+  assert 1.0 <= final["tokens_per_round"] <= 5.0 and 0 <= final["draft_acceptance_rate"] <= 1
   int4 = json.loads(open(os.path.join(stage, "int4", "config.json")).read())
   assert int4["quantization_config"]["format"] == "pack-quantized"
   assert results[1].metric == "weight_bytes" and results[1].value == os.path.getsize(
       os.path.join(stage, "int4", "model.safetensors"))
+  # draft_layers=0: the same bundle files without the speculative lines.
+  plain = tmp_path / "plain"
+  plain.mkdir()
+  shutil.copytree(os.path.join(stage, "int4"), plain / "int4")
+  bundle.write_bundle_files(plain, bundle.ServePlan(), target="int4", draft=None)
+  script = (plain / "serve.sh").read_text()
+  assert "vllm serve" in script and "speculative" not in script and "--draft" not in script
+  assert "draft_report" not in json.loads((plain / "budget.json").read_text())
+  assert "no draft model" in (plain / "README.md").read_text()
+
+
+def test_export_stage_rejects_bad_draft_fields(trained_run):
+  from export.stage import run_export_stage
+  from m2 import main
+  from m2.model.config import model_config_from
+  c = tiny_export_config(os.path.join(os.path.dirname(trained_run), "cache"))
+  c.stages = ("midtrain", "export")
+  c.export = dict(quantize="rtn", draft_steps=0)
+  with pytest.raises(ValueError, match=r"config.export.draft_steps: a positive int \(got 0\)"):
+    main.check_config(c)
+  c.export = dict(quantize="rtn", draft_layers=-1)
+  with pytest.raises(ValueError, match="config.export.draft_layers: an int >= 0"):
+    main.check_config(c)
+  c.export = dict(quantize="rtn", draft_k=True)
+  with pytest.raises(ValueError, match="config.export.draft_k"):
+    main.check_config(c)
+  # More layers than the target has: refused before anything is written.
+  c.export = dict(quantize="rtn", draft_layers=3)
+  with pytest.raises(ValueError, match=r"draft_layers=3: at most the target's 2 layers"):
+    run_export_stage(c, os.path.join(trained_run, "export_bad"), model_config_from(c.model),
+                     init_params={})
+  assert not os.path.exists(os.path.join(trained_run, "export_bad"))

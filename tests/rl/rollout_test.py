@@ -61,12 +61,23 @@ def test_consultation_trains_only_doctor_tokens(policy, sp_tokenizer):
     return out
 
   sampler.generate = spy
+  env = BatchConsultation(ReferencePatientBackend(), max_turns=6)
+  entitled = [set() for _ in rows]
+  real_step = env.step
+
+  def step(turns):
+    results = real_step(turns)
+    for i, res in enumerate(results):
+      if res is not None:
+        entitled[i].update(res[2].get("entitled", ()))
+    return results
+
+  env.step = step
   try:
     stats = rollout.RolloutStats()
     base = SamplingParams(temperature=1.0, max_new_tokens=5, stop_token_ids=fmt.stop_ids)
-    episodes = rollout.consultations(
-        sampler, params, BatchConsultation(ReferencePatientBackend(), max_turns=6), rows, fmt,
-        _seeded(base, 100), max_turns=3, max_length=4096, stats=stats)
+    episodes = rollout.consultations(sampler, params, env, rows, fmt, _seeded(base, 100),
+                                     max_turns=3, max_length=4096, stats=stats)
   finally:
     del sampler.generate
   assert len(sampled) == 3 and len(episodes) == 4
@@ -86,6 +97,8 @@ def test_consultation_trains_only_doctor_tokens(policy, sp_tokenizer):
         others[-1].content[:20]) >= 1
     assert e.graded_transcript()[-1].role == "assistant"
     assert e.ended_by in ("gate", "turn_limit", "length", "empty_turn")
+    # what the doctor elicited is what the Fact Unit entitled, from the case's visible facts
+    assert e.elicited == entitled[i] <= {f.id for f in rows[i].visible_facts}
   assert stats.counts["episodes"] == 4
   assert stats.counts["doctor_turns"] == sum(len(e.doctor_turns) for e in episodes)
   ends = ("gate", "turn_limit", "length", "empty_turn")

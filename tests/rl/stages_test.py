@@ -146,3 +146,11 @@ def test_consultation_reward_keeps_negative_rubric_scores_and_grades_empty_episo
   assert follow_up.parts["rubric"] == pytest.approx(-3 / 6)
   assert both.parts["rubric"] == pytest.approx(1 / 6)
   assert silent.total < follow_up.total < both.total
+  # with the cases, the share of visible facts the doctor elicited is a part of its own
+  import types
+  asked = episode("Where is the chest pain?")
+  asked.elicited = {"f1", "f2"}
+  weighted = RewardConfig(weights={"rubric": 1.0, "elicited": 0.5})
+  (r,) = stages.grade_episodes(Grader(ReferenceJudge()), [asked], [rubric], weighted,
+                               [types.SimpleNamespace(visible_facts=tuple(range(4)))])
+  assert r.parts["elicited"] == 0.5 and r.total == pytest.approx(r.parts["rubric"] + 0.25)
