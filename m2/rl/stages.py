@@ -485,8 +485,8 @@ def run_grpo(config, workdir, model_cfg, mesh_cfg, init_params, name: str,
   trend = reward_trend([r["reward_mean"] for r in rows_logged if "reward_mean" in r])
   # The same test on the unshaped reward and on each of its parts: which term moved.
   trend["parts"] = {k: reward_trend([r[k] for r in rows_logged if k in r])
-                    for k in ("reward/total", "reward/correct", "reward/rubric", "reward/format",
-                              "reward/safety", "reward/overlong", "reward/length")
+                    for k in ("reward/total", "reward/overlong", *(f"reward/{p}" for p in
+                                                                  rewards.PARTS))
                     if any(k in r for r in rows_logged)}
   with open(os.path.join(workdir, "reward_trend.json"), "w") as f:
     json.dump(trend, f, indent=1)
