@@ -13,10 +13,9 @@ denser signal than the rubric that a 4-layer model can move), all with the refer
 verifier backends; then eval (HealthBench and held-out consultations, before and
 after RL) and export (HF safetensors + GPTQ int4).
 
-Time on the shared 2-core CPU it was measured on (load average ~7 from other jobs): 36 min
-wall and 22.5 min of CPU for all eight stages from a cold data cache, one kill and resume
-included; the run's summary table gives each stage's wall and CPU time. Not yet timed on a
-quiet machine.
+Time on a quiet 2-core CPU (nothing else running), from a cold data cache (tokenizer
+training and TFDS preparation included): 15 min 03 s wall, 25.8 min of CPU for all eight
+stages (2026-12-02). The run's summary table gives each stage's wall and CPU time.
 
 The data: every record passes the de-identification gate; 2 % of each source
 (by record id) is held out for `eval_loss`; the benchmark test splits in

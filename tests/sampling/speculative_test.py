@@ -104,6 +104,50 @@ def test_bad_drafts_are_refused_before_compiling(target):
   assert spec.num_compiles == 0
 
 
+class FeatureDrafter(Drafter):
+  """EAGLE-style: drafts from the target's own feature (the final hidden state that
+  predicted the pending token) through the target's LM head. Records, per active
+  row, whether that feature's greedy token is the pending token."""
+
+  def __init__(self, vocab_size, seen):
+    self.vocab_size, self.seen = vocab_size, seen
+
+  def init(self, batch, cache_length):
+    return jnp.zeros((batch, CFG.embed_dim), jnp.float32)
+
+  def prefill(self, params, state, tokens, positions, segments, hidden):
+    return hidden[:, -1].astype(jnp.float32)   # prompts are left-padded: the last is real
+
+  def propose(self, params, state, token, position, segment, num_tokens, sample):
+    logits = state @ params
+    jax.debug.callback(lambda p, t, s: self.seen.append((p, t, s)),
+                       jnp.argmax(logits, -1), token, segment)
+    drafts, logq = zip(*(sample(logits, i) for i in range(num_tokens)))
+    return state, jnp.stack(drafts, 1), jnp.stack(logq, 1)
+
+  def commit(self, state, segments, index, hidden, kept):
+    feature = jnp.take_along_axis(hidden, jnp.maximum(kept - 1, 0)[:, None, None], 1)[:, 0]
+    return jnp.where((kept > 0)[:, None], feature.astype(jnp.float32), state)
+
+  def relayout(self, state, segments, index, order=None):
+    return state
+
+
+def test_a_drafter_gets_the_target_feature_that_predicted_the_pending_token(target, plain):
+  """The room left for an EAGLE head: `prefill` / `commit` hand the drafter the
+  target's final hidden state behind each pending token, so under greedy decoding
+  that feature's own prediction is the pending token, every round, every row."""
+  params = nnx.state(target)
+  seen = []
+  spec = SpeculativeSampler(target, FeatureDrafter(CFG.vocab_size, seen), num_draft_tokens=K)
+  out = spec.generate(params, PROMPTS, GREEDY, draft_params=np.asarray(target.lm_head[...]))
+  np.testing.assert_array_equal(out.tokens, plain.generate(params, PROMPTS, GREEDY).tokens)
+  active = [(p[s != 0], t[s != 0]) for p, t, s in (map(np.asarray, x) for x in seen)]
+  assert sum(len(t) for _, t in active) >= 2 * len(PROMPTS)
+  for predicted, pending in active:
+    np.testing.assert_array_equal(predicted, pending)
+
+
 # --- exactness in distribution ------------------------------------------------------
 
 TINY = ModelConfig(vocab_size=8, num_layers=1, embed_dim=16, num_heads=2, num_kv_heads=1,
