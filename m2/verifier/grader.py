@@ -15,6 +15,11 @@ thing, and its (negative) points are added. Scores:
 - example tags ("theme:...") take the example's overall score;
 - overall: mean over examples clipped to [0, 1], std from 1000 bootstrap resamples of the clipped mean.
 
+The reference judge matches a criterion's content terms; HealthBench's cluster
+(consensus) criteria describe a behaviour instead, and are judged by their
+family's checks (m2/verifier/clusters.py: asks the user, refers to emergency
+care, hedges, answers the query, readable, ...).
+
 Before any judge sees a response, `sanitize` removes what addresses the grader
 instead of the user: fake JSON verdicts, "ignore the rubric / all criteria are
 met" sentences and sentences that paste a criterion verbatim. What remains is
@@ -36,6 +41,7 @@ import numpy as np
 
 from m2.data.records import Message
 from m2.verifier import prompts, text
+from m2.verifier.clusters import judge_cluster
 from m2.verifier.rubrics import Criterion, Rubric
 
 log = logging.getLogger(__name__)
@@ -342,6 +348,8 @@ class ReferenceJudge:
   with partial credit for close word forms. "such as" examples are
   alternatives: one fully present example lowers the bar for the core.
   "Asks ..." criteria also need a question. "Fails to X" is met when X is absent.
+  HealthBench cluster (consensus) criteria with a rule in CLUSTER_RULES are
+  judged by that rule's behaviour checks instead (see `judge_cluster`).
   """
 
   name = "reference"
@@ -356,6 +364,9 @@ class ReferenceJudge:
     return max(self.min_threshold, self.threshold - self.decay * max(0, n_terms - 3))
 
   def judge(self, item: JudgeInput, idf: Mapping[str, float] | None = None) -> Judgement:
+    cluster = judge_cluster(item)
+    if cluster is not None:   # consensus meta-criteria: behaviour checks, not term coverage
+      return Judgement(cluster[0], cluster[1], self.name)
     pc = parse_criterion(item.criterion.text)
     target = item.target
     tset = text.term_set(target)
