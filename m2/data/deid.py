@@ -249,8 +249,10 @@ class Scrubber:
     def plausible(i):   # could be a name written here
       return lower_text or capitalised(i) or keys[i] in hinted
 
-    def eponym(i):   # "Murphy's sign", "Allen test"
-      return i + 1 < n and keys[i + 1] in lex.EPONYM_NEXT and gap(i, i + 1) == ""
+    def eponym(i):   # "Murphy's sign", "Allen test", "pouch of Douglas"
+      return (i + 1 < n and keys[i + 1] in lex.EPONYM_NEXT and gap(i, i + 1) == ""
+              or i > 1 and keys[i - 1] == "of" and keys[i - 2] in lex.EPONYM_OF
+              and gap(i - 2, i - 1) == gap(i - 1, i) == "")
 
     def placeholder(i):   # "[NAME]" put in by an earlier rule
       a, b = words[i].span()

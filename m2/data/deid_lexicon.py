@@ -17,7 +17,7 @@ EPONYM_NEXT ("Murphy's sign", "Allen test") is kept as a medical term.
 
 FIRST_NAMES = frozenset("""
 aaron abigail adam adrian alan albert alejandro alex alexander alexandra alexis alfred alice alicia
-alison allison alyssa amanda amber amelia amy andre andrea andrew angela angelica anita ann anna
+alison allison alyssa amanda amelia amy andre andrea andrew angela angelica anita ann anna
 anne annie anthony antonio arthur ashley audrey austin barbara benjamin bernard beth betty beverly
 billy blake bobby bonnie bradley brandon brenda brett brian brianna bridget brittany bruce bryan
 caleb cameron carl carla carlos carmen carol caroline carolyn carrie catherine cathy charles
@@ -87,7 +87,7 @@ williams williamson willis wilson wolfe wong wright wu yang yates zhang zimmerma
 
 # Names that are also everyday or clinical words: matched only in a naming context.
 AMBIGUOUS_NAMES = frozenset("""
-april art baker ball banks bell berry bill black bob bond brown bush cash cox chase christian cliff
+amber april art baker ball banks bell berry bill black bob bond brown bush cash cox chase christian cliff
 cook cross dale dawn day dean don drew ed faith fields fox frank gene good grace grant gray green
 grey guy hall hardy hart heather hill hills holly hope hunt iris ivy jack jade jean joy june king
 lance lane lee little long love mark max may miles mills page pat pearl penny price ray reed rich
@@ -113,6 +113,13 @@ technique sheath tube murmur effect esophagus correlation coefficient exact regr
 hazards proportional analysis distribution rank criterion algorithm
 university hospital hospitals county state city medical center centre college institute
 clinic school foundation
+""".split())
+
+# Before "of <name>", these make it an anatomical eponym ("pouch of Douglas",
+# "circle of Willis", "sphincter of Oddi", "tetralogy of Fallot").
+EPONYM_OF = frozenset("""
+ampulla angle bundle canal circle crypts foramen islets islands ligament loop organ pouch space
+sphincter tetralogy triangle
 """.split())
 
 # Words that never start a name, even after "dr." or "doctor" in a lower-case

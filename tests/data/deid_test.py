@@ -63,6 +63,7 @@ def test_ages_90_and_over_are_capped(text, want):
     "MR imaging and MS flare; i miss work; the doctor said to take 1-2 tablets.",
     "white blood cells 11.2, young adult, will follow up in may, you may rest.",
     "Cox regression and Fisher's exact test; BP 150/95; 100-1200 mg.",
+    "Amber colored urine; free fluid in the pouch of Douglas; circle of Willis intact.",
 ])
 def test_clinical_text_without_phi_is_untouched(text):
   assert scrub_text(text) == (text, {})
@@ -73,6 +74,8 @@ def test_names_in_naming_contexts():
       "hi , [NAME] . [NAME] is a 45-year-old female ."
   assert scrub_text("brian white , 58 , with white blood cells low")[0] == \
       "[NAME] [NAME] , 58 , with white blood cells low"
+  assert scrub_text("Amber Smith, 34, and Mr. Douglas came in.")[0] == \
+      "[NAME] [NAME], 34, and Mr. [NAME] came in."
   assert scrub_text("Doctor Kumar saw you; thank you Mark. Mark the spot.")[0] == \
       "Doctor [NAME] saw you; thank you [NAME]. Mark the spot."
   # A record's own names (metadata hints) are scrubbed even when not in the lexicon.
