@@ -11,7 +11,7 @@ the case's rubric) and rl_multiturn (GRPO, whole consultations with the patient
 simulator; the rubric score plus the share of case facts the doctor elicited, a
 denser signal than the rubric that a 4-layer model can move), all with the reference
 verifier backends; then eval (HealthBench and held-out consultations, before and
-after RL) and export (HF safetensors + GPTQ int4).
+after RL) and export (the consumer-GPU bundle: GPTQ int4, a distilled draft, serve.sh).
 
 Time on a quiet 2-core CPU (nothing else running), from a cold data cache (tokenizer
 training and TFDS preparation included): 15 min 03 s wall, 25.8 min of CPU for all eight
