@@ -24,8 +24,8 @@ softmax only the probabilities stay, and XLA hoists the mask out of the loop. Th
 of the real step on CPU (fp32, meshes (1,1,1), (1,8,1), (2,2,2), up to the
 Qwen2.5-32B layer shape at 4096 tokens), where the plan is within 15 % and
 mostly within 7 %; tests/tools/memory_test.py holds it to that. The residual
-and loss terms were refitted after the fused head and `swiglu` VJP landed: the
-eight test cases now plan within 10 %. Caveats:
+and loss terms were refitted after the fused head and `swiglu_mlp` VJP landed:
+the eight test cases now plan within 10 %. Caveats:
   * bf16 on CPU: XLA CPU upcasts stacked bf16 residuals to fp32 in the backward
     loop, so `remat none` + bf16 uses up to 25 % more there than planned.
   * GPU/TPU compilers fuse the loss and attention better and keep bf16
@@ -241,7 +241,7 @@ def _saved_per_layer(policy: str, u: dict[str, int], cb: int, cast_weights: int,
     norms = 2 * a * (8 + cb)          # per RMSNorm: two fp32 [B,T,E], the matmul input
     attn = 2 * q * cb + 2 * kv * cb   # roped q, attention output; transposed k, v
     attn += s * cb                    # softmax probabilities
-    mlp = 3 * m * cb                  # [gate, up] (what `swiglu` saves), their product
+    mlp = 2 * m * cb                  # [gate, up] (what `swiglu_mlp` saves)
     return norms + attn + mlp + cast_weights
   carry = a * cb  # the layer input, from which the rest is recomputed
   if policy == "full":
