@@ -26,10 +26,11 @@ Methods:
         scales fixed up front from the unquantized weights ("static groups",
         compressed-tensors actorder="weight"), so the file layout needs no
         g_idx reordering. Layers are quantized in order; each layer's Hessians
-        are taken on the outputs of the already-quantized layers before it
-        (all seven linears of a layer on the same dense-layer inputs, i.e. not
-        "true sequential" within the layer). A test checks the codes equal an
-        independent column-by-column OBS formulation of the same algorithm.
+        are taken on the outputs of the already-quantized layers before it, and
+        with `true_sequential` (the default, as in AutoGPTQ) also after the
+        layer's earlier linears are quantized: q/k/v, then o, then gate/up,
+        then down. A test checks the codes equal an independent
+        column-by-column OBS formulation of the same algorithm.
 
 The rounding is the one `m2/model/quant.py` uses, so an RTN export
 dequantizes to exactly the weights of m2's fake-quant forward pass
@@ -51,6 +52,11 @@ log = logging.getLogger(__name__)
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# True-sequential GPTQ visits a layer's linears in these groups (the ones that share an
+# input together); each group's Hessians are taken after the groups before it are
+# quantized, so o_proj and down_proj calibrate on inputs that carry the rounding of
+# the projections that feed them.
+SEQUENTIAL_GROUPS = (LINEARS[:3], LINEARS[3:4], LINEARS[4:6], LINEARS[6:])
 METHODS = ("rtn", "gptq")
 # File layouts: compressed-tensors pack-quantized, or AutoGPTQ's qweight/qzeros/scales/g_idx.
 FORMATS = ("pack-quantized", "gptq")
@@ -63,6 +69,7 @@ class QuantConfig:
   group_size: int = 128
   symmetric: bool = True
   act_order: bool = False
+  true_sequential: bool = True  # GPTQ: SEQUENTIAL_GROUPS, else one Hessian pass per layer
   damp: float = 0.01          # fraction of mean(diag H) added to the diagonal
   block_size: int = 128       # GPTQ lazy-update block (a multiple of group_size)
   calib_samples: int = 64     # calibration windows
@@ -348,7 +355,7 @@ def gptq_config(cfg: QuantConfig) -> dict:
           # Act-order columns were visited by decreasing diag(H) with static groups:
           # the groups on disk are contiguous, so no desc_act reordering at load time.
           "desc_act": False, "static_groups": cfg.act_order, "damp_percent": cfg.damp,
-          "true_sequential": False, "lm_head": False}
+          "true_sequential": cfg.true_sequential, "lm_head": False}
 
 
 # --- calibration and evaluation text ----------------------------------------------
@@ -469,48 +476,56 @@ def quantize_model(model, cfg: QuantConfig, calib: np.ndarray | None = None,
       raise ValueError(f"calibration set too small for the Hessian: {tokens} tokens < "
                        f"{widest} inputs of the widest layer (H = X^T X would be singular); "
                        f"raise calib_samples or calib_seq_len")
+  groups = SEQUENTIAL_GROUPS if cfg.method == "gptq" and cfg.true_sequential else (LINEARS,)
   for li, layer in enumerate(layers):
-    modules = {n: layer.get_submodule(n) for n in LINEARS}
-    hessians = {}
-    if cfg.method == "gptq":
-      sums = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
-              for n, m in modules.items()}
-      rows = {n: 0 for n in modules}
-      hooks = []
-
-      def pre_hook(name):
-        def hook(module, args):
-          x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-          sums[name] += x.T @ x
-          rows[name] += x.shape[0]
-        return hook
-
-      def stop(module, args, output):
-        raise _Stop
-
+    for group in groups:
+      modules = {n: layer.get_submodule(n) for n in group}
+      hessians = (_layer_input_hessians(model, layer, modules, calib, batch_size)
+                  if cfg.method == "gptq" else {})
       for n, m in modules.items():
-        hooks.append(m.register_forward_pre_hook(pre_hook(n)))
-      hooks.append(layer.register_forward_hook(stop))
-      try:
+        w = m.weight.detach().float().numpy()
+        name = f"model.layers.{li}.{n}"
+        ql = gptq(w, hessians[n], cfg) if cfg.method == "gptq" else rtn(w, cfg)
+        results[name] = ql
         with torch.no_grad():
-          for i in range(0, len(calib), batch_size):
-            try:
-              model(input_ids=torch.as_tensor(calib[i:i + batch_size]))
-            except _Stop:
-              pass
-      finally:
-        for h in hooks:
-          h.remove()
-      hessians = {n: (2.0 / rows[n]) * sums[n].numpy() for n in modules}
-    for n, m in modules.items():
-      w = m.weight.detach().float().numpy()
-      name = f"model.layers.{li}.{n}"
-      ql = gptq(w, hessians[n], cfg) if cfg.method == "gptq" else rtn(w, cfg)
-      results[name] = ql
-      with torch.no_grad():
-        m.weight.copy_(torch.from_numpy(ql.dequantize()).to(m.weight.dtype))
+          m.weight.copy_(torch.from_numpy(ql.dequantize()).to(m.weight.dtype))
     log.info("quantized layer %d/%d (%s)", li + 1, len(layers), cfg.method)
   return results
+
+
+def _layer_input_hessians(model, layer, modules: dict, calib: np.ndarray,
+                          batch_size: int) -> dict[str, np.ndarray]:
+  """{name: 2/n X^T X} of the inputs of `modules` (linears of `layer`) over the
+  calibration windows, with the model as it stands; the forward stops after `layer`."""
+  import torch
+
+  sums = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
+          for n, m in modules.items()}
+  rows = {n: 0 for n in modules}
+
+  def pre_hook(name):
+    def hook(module, args):
+      x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+      sums[name] += x.T @ x
+      rows[name] += x.shape[0]
+    return hook
+
+  def stop(module, args, output):
+    raise _Stop
+
+  hooks = [m.register_forward_pre_hook(pre_hook(n)) for n, m in modules.items()]
+  hooks.append(layer.register_forward_hook(stop))
+  try:
+    with torch.no_grad():
+      for i in range(0, len(calib), batch_size):
+        try:
+          model(input_ids=torch.as_tensor(calib[i:i + batch_size]))
+        except _Stop:
+          pass
+  finally:
+    for h in hooks:
+      h.remove()
+  return {n: (2.0 / rows[n]) * sums[n].numpy() for n in modules}
 
 
 def load_torch_model(folder, dtype: str = "float32"):
@@ -804,7 +819,8 @@ def format_report(rows: list[dict]) -> str:
 
 
 def report_configs(group_sizes=(128,), *, bits: int = 4, damp: float = 0.01,
-                   calib_samples: int = 64, calib_seq_len: int = 256) -> dict[str, QuantConfig]:
+                   calib_samples: int = 64, calib_seq_len: int = 256,
+                   true_sequential: bool = True) -> dict[str, QuantConfig]:
   """RTN, GPTQ and GPTQ + act-order, symmetric and asymmetric, per group size."""
   configs = {}
   for g in group_sizes:
@@ -813,7 +829,8 @@ def report_configs(group_sizes=(128,), *, bits: int = 4, damp: float = 0.01,
         name = f"{m}{'+act_order' if ao else ''} {'sym' if sym else 'asym'} g{g}"
         configs[name] = QuantConfig(method=m, symmetric=sym, act_order=ao, bits=bits,
                                     group_size=g, block_size=max(g, 128 // g * g), damp=damp,
-                                    calib_samples=calib_samples, calib_seq_len=calib_seq_len)
+                                    calib_samples=calib_samples, calib_seq_len=calib_seq_len,
+                                    true_sequential=true_sequential)
   return configs
 
 
@@ -828,6 +845,8 @@ def main(argv=None):
   p.add_argument("--group_size", type=int, default=128)
   p.add_argument("--asym", action="store_true", help="asymmetric (zero points)")
   p.add_argument("--act_order", action="store_true")
+  p.add_argument("--true_sequential", action=argparse.BooleanOptionalAction, default=True,
+                 help="GPTQ: re-take Hessians after each group of a layer's linears")
   p.add_argument("--damp", type=float, default=0.01)
   p.add_argument("--calib_samples", type=int, default=64)
   p.add_argument("--calib_seq_len", type=int, default=256)
@@ -852,7 +871,7 @@ def main(argv=None):
   if a.report:
     groups = tuple(int(g) for g in a.group_sizes.split(",")) if a.group_sizes else (a.group_size,)
     configs = report_configs(groups, bits=a.bits, damp=a.damp, calib_samples=a.calib_samples,
-                             calib_seq_len=a.calib_seq_len)
+                             calib_seq_len=a.calib_seq_len, true_sequential=a.true_sequential)
     rows = quality_report(a.model, configs, held_windows=a.held_windows,
                           seq_len=a.calib_seq_len, eval_limit=a.eval_limit,
                           eval_max_new_tokens=a.eval_max_new_tokens)
@@ -867,7 +886,8 @@ def main(argv=None):
   if not a.out:
     p.error("--out is required unless --report")
   cfg = QuantConfig(method=a.method, bits=a.bits, group_size=a.group_size, symmetric=not a.asym,
-                    act_order=a.act_order, damp=a.damp, calib_samples=a.calib_samples,
+                    act_order=a.act_order, true_sequential=a.true_sequential, damp=a.damp,
+                    calib_samples=a.calib_samples,
                     calib_seq_len=a.calib_seq_len, dtype=a.dtype, format=a.format)
   quantize_folder(a.model, a.out, cfg, overwrite=a.overwrite)
   print(a.out)

@@ -27,7 +27,7 @@ gets the faster of 1 thread and all cores (picked on a short run per batch);
 part 1 also reports the ratio of process CPU time, which waiting for a busy
 core does not inflate, and the run records the load average.
 
-XLA CPU flags: none by default. The oneDNN flags that help the train step
+XLA CPU flags: none by default. The experimental oneDNN flags
 (`--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot`)
 made batch-1 decoding about 2.5x slower here (small matmuls, one token at a
 time); `--xla_cpu_flags=...` appends flags to XLA_FLAGS; the run prints what

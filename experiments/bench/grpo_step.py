@@ -22,10 +22,10 @@ issue 6 was filed. tunix is not installable here (PyPI has no 0.1.7 for this
 environment), so its figure is the reference, not rerun; the ratio printed is
 against it. Runs vary by ~15 % on this shared machine.
 
-XLA CPU flags: default XLA. `--xla_cpu_flags="--xla_cpu_use_onednn=true
---xla_cpu_experimental_onednn_fusion_type=dot"` switches on oneDNN matmuls (faster in
-experiments/bench/train_step.py), but one run here died in oneDNN ("partition compile
-failed", an invalid-opcode trap), so it is not the default.
+XLA CPU flags: default XLA; `--xla_cpu_flags` appends to XLA_FLAGS. jaxlib 0.10.2's
+experimental oneDNN fusion (`--xla_cpu_use_onednn=true
+--xla_cpu_experimental_onednn_fusion_type=dot`) aborts at compile ("partition compile
+failed") on the MLP's VJP; see experiments/bench/train_step.py.
 
 Command (2-core CPU, about 2 minutes):
     /tmp/venv/bin/python experiments/bench/grpo_step.py

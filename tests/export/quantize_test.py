@@ -1,5 +1,6 @@
 """export.quantize: int4 GPTQ/RTN, compressed-tensors layout checked by the library itself."""
 
+import dataclasses
 import json
 import os
 
@@ -294,3 +295,29 @@ def test_fake_quant_switch_validates_and_passes_gradients_straight_through():
     np.testing.assert_array_equal(grad, c)
   with pytest.raises(ValueError, match="group size"):
     fake_quant(jnp.zeros((100, 4)), 1, parse("int4"))
+
+
+
+def test_true_sequential_gptq_calibrates_each_group_on_the_quantized_groups_before_it(
+    dense, texts):
+  """o_proj's Hessian is taken with q/k/v already quantized (AutoGPTQ's true_sequential);
+  without it, on the dense layer's inputs."""
+  import torch
+  calib = Q.token_windows(_tok(dense), texts["calib"], 8, 128)
+  cfg = Q.QuantConfig(method="gptq", symmetric=False, dtype="float32", **CALIB)
+  o_proj = "model.layers.0.self_attn.o_proj"
+  codes = {}
+  for sequential in (True, False):
+    got = Q.quantize_model(Q.load_torch_model(dense),
+                           dataclasses.replace(cfg, true_sequential=sequential), calib)
+    model = Q.load_torch_model(dense)
+    w = model.get_submodule(o_proj).weight.detach().numpy().copy()
+    if sequential:  # the model as it stood when o_proj was quantized
+      for n in Q.SEQUENTIAL_GROUPS[0]:
+        with torch.no_grad():
+          model.get_submodule(f"model.layers.0.{n}").weight.copy_(
+              torch.from_numpy(got[f"model.layers.0.{n}"].dequantize()))
+    want = Q.gptq(w, Q.input_hessians(model, calib)[o_proj], cfg).q
+    np.testing.assert_array_equal(got[o_proj].q, want)
+    codes[sequential] = want
+  assert not np.array_equal(codes[True], codes[False])
