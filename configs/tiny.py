@@ -14,8 +14,9 @@ verifier backends; then eval (HealthBench and held-out consultations, before and
 after RL) and export (the consumer-GPU bundle: GPTQ int4, a distilled draft, serve.sh).
 
 Time on a quiet 2-core CPU (nothing else running), from a cold data cache (tokenizer
-training and TFDS preparation included): 15 min 03 s wall, 25.8 min of CPU for all eight
-stages (2026-12-02). The run's summary table gives each stage's wall and CPU time.
+training and TFDS preparation included), all eight stages: 10 min 26 s wall, 18.1 min of
+CPU on a Sapphire Rapids (2026-12-05); 15 min 03 s wall, 25.8 min of CPU on the older CPU
+of 2026-12-02. The run's summary table gives each stage's wall and CPU time.
 
 The data: every record passes the de-identification gate; 2 % of each source
 (by record id) is held out for `eval_loss`; the benchmark test splits in
