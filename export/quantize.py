@@ -355,7 +355,8 @@ def gptq_config(cfg: QuantConfig) -> dict:
           # Act-order columns were visited by decreasing diag(H) with static groups:
           # the groups on disk are contiguous, so no desc_act reordering at load time.
           "desc_act": False, "static_groups": cfg.act_order, "damp_percent": cfg.damp,
-          "true_sequential": cfg.true_sequential, "lm_head": False}
+          "true_sequential": cfg.method == "gptq" and cfg.true_sequential,
+          "lm_head": False}
 
 
 # --- calibration and evaluation text ----------------------------------------------
