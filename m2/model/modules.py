@@ -6,7 +6,9 @@ Layout choices, all for speed on small and large shapes alike:
     a reshape (no repeated K/V) and tensor parallelism over `kv_heads` keeps
     whole groups on one shard.
   * gate and up projections are one kernel [embed, 2, mlp].
-  * the KV cache is [batch, kv_heads, length, head_dim] per layer.
+  * the KV cache is [batch, kv_heads, head_dim, length] for keys and
+    [batch, kv_heads, length, head_dim] for values, per layer: both attention
+    matmuls of a decode step then read the cache in its stored order.
 Every parameter carries `logical_axes` metadata; `m2.parallel` maps it to a mesh.
 """
 
@@ -89,18 +91,21 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q = rope(q, positions, cfg.rope_theta)  # [B, T, K, G, D]
     k = rope(k, positions, cfg.rope_theta)  # [B, T, K, D]
-    k = k.transpose(0, 2, 1, 3)  # [B, K, T, D]
-    v = v.transpose(0, 2, 1, 3)
+    v = v.transpose(0, 2, 1, 3)  # [B, K, T, D]
     t = x.shape[1]
     if kv_cache is None:
+      k = k.transpose(0, 2, 1, 3)  # [B, K, T, D]
+      scores_spec = "bkgtd,bksd->bkgts"
       q_slots = jnp.arange(t)
       k_slots, k_segments = q_slots, q_segments
     else:
-      cache_k, cache_v = kv_cache
-      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, cache_index, 0))
+      cache_k, cache_v = kv_cache  # [B, K, D, S], [B, K, S, D] (`KVCache`)
+      k = k.transpose(0, 2, 3, 1).astype(cache_k.dtype)
+      k = jax.lax.dynamic_update_slice(cache_k, k, (0, 0, 0, cache_index))
       v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, cache_index, 0))
+      scores_spec = "bkgtd,bkds->bkgts"  # the cache's keys are slot-minor
       q_slots = cache_index + jnp.arange(t)
-      k_slots, k_segments = jnp.arange(k.shape[2]), cache_segments
+      k_slots, k_segments = jnp.arange(v.shape[2]), cache_segments
 
     visible = ((q_slots[:, None] >= k_slots[None, :])[None]
                & (q_segments[:, :, None] == k_segments[:, None, :])
@@ -109,7 +114,7 @@ class Attention(nnx.Module):
     # plain batched matmuls over (B, K), with no relayout of K or V.
     q = q.transpose(0, 2, 3, 1, 4) * jnp.asarray(cfg.head_dim ** -0.5, dt)
     q = parallel.constrain(q, ("batch", "kv_heads", "heads", "length", "head_dim"))
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32)
+    scores = jnp.einsum(scores_spec, q, k.astype(dt), preferred_element_type=jnp.float32)
     scores = scores + jnp.where(visible, 0.0, -1e30)[:, None, None]
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     attn = jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(dt))

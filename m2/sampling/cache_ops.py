@@ -8,8 +8,9 @@ tokens cut at a stop string. The sampler records the RoPE position of every
 slot (`slot_positions`, -1 when empty) so that it can drop a row's tokens from
 a position on, and `compact` squeezes the holes out when the cache fills.
 
-The functions take a `KVCache` (k, v [L, B, K, S, D]) or a `LayerCache` (k, v:
-tuples of [B, K, S, D]); both have `segments` [B, S] and `index`.
+The functions take a `KVCache` (k [L, B, K, D, S], v [L, B, K, S, D]) or a
+`LayerCache` (tuples of [B, K, D, S] and [B, K, S, D]); both have `segments`
+[B, S] and `index`.
 """
 
 from __future__ import annotations
@@ -63,21 +64,21 @@ def gather_slots(x: jax.Array, order: jax.Array, slot_axis: int, batch_axis: int
   return jnp.take_along_axis(x, order.reshape(shape), axis=slot_axis % x.ndim)
 
 
-def _gather_kv(kv, order):
-  # Keys and values end in [B, K, S, D], stacked over layers or not.
-  return jax.tree.map(lambda x: gather_slots(x, order, -2, -4), kv)
+def _gather_kv(cache, order):
+  # Keys end in [B, K, D, S] and values in [B, K, S, D], stacked over layers or not.
+  return cache.replace(k=jax.tree.map(lambda x: gather_slots(x, order, -1, -4), cache.k),
+                       v=jax.tree.map(lambda x: gather_slots(x, order, -2, -4), cache.v))
 
 
 def compact(cache, slot_positions: jax.Array):
   """Removes the holes of every row. Returns (cache, slot_positions, order)."""
   order, new_index = compaction_order(cache.segments)
-  cache = cache.replace(k=_gather_kv(cache.k, order), v=_gather_kv(cache.v, order),
-                        segments=gather_slots(cache.segments, order, 1, 0), index=new_index)
+  cache = _gather_kv(cache, order).replace(segments=gather_slots(cache.segments, order, 1, 0),
+                                           index=new_index)
   return cache, gather_slots(slot_positions, order, 1, 0), order
 
 
 def reorder(cache, order: jax.Array, segments: jax.Array, index: jax.Array):
   """Applies a `compaction_order` to another cache that shares the slot layout
   (a draft model's): `segments` and `index` are the compacted target's."""
-  return cache.replace(k=_gather_kv(cache.k, order), v=_gather_kv(cache.v, order),
-                       segments=segments, index=index)
+  return _gather_kv(cache, order).replace(segments=segments, index=index)

@@ -1,11 +1,11 @@
 """How the sampler runs an m2 Transformer: the model's own scan, or unrolled layers.
 
 `ScanForward` calls `Transformer.__call__` as is: a `lax.scan` over the stacked
-layer weights and the stacked cache [L, B, K, S, D]. On GPU and TPU, XLA reads
+layer weights and the stacked cache. On GPU and TPU, XLA reads
 each layer's slice in place, and this is the right choice.
 
 `UnrolledForward` runs the same `Block`s in a Python loop over per-layer
-weights and a per-layer cache (`LayerCache`: L separate [B, K, S, D] buffers).
+weights and a per-layer cache (`LayerCache`: L separate key and value buffers).
 The weights are sliced out of the stacked parameters once per call, before the
 decode loop. Why: XLA:CPU copies a layer's weights out of the stacked array on
 every use (a dynamic slice inside the scan, or a static slice that is not
@@ -30,14 +30,15 @@ from m2 import parallel
 from m2.model.cache import KVCache
 from m2.model.config import ModelConfig
 
-_CACHE_AXES = KVCache.LOGICAL_AXES[1:]  # one layer: batch, kv_heads, cache_length, head_dim
+_K_AXES, _V_AXES = KVCache.K_AXES[1:], KVCache.V_AXES[1:]  # one layer's
 
 
 @struct.dataclass
 class LayerCache:
   """`KVCache` with one key and one value buffer per layer, so each is updated in place.
 
-  k, v:     tuples of L arrays [batch, kv_heads, max_length, head_dim].
+  k, v:     tuples of L arrays, [batch, kv_heads, head_dim, max_length] and
+            [batch, kv_heads, max_length, head_dim].
   segments: [batch, max_length] int32; 0 marks an empty or padding slot.
   index:    scalar int32, the next slot to write (shared by the batch).
   """
@@ -49,13 +50,14 @@ class LayerCache:
 
   @classmethod
   def init(cls, cfg: ModelConfig, batch: int, max_length: int) -> "LayerCache":
-    shape = (batch, cfg.num_kv_heads, max_length, cfg.head_dim)
+    v_shape = (batch, cfg.num_kv_heads, max_length, cfg.head_dim)
+    k_shape = v_shape[:2] + (cfg.head_dim, max_length)
 
-    def zeros():
-      return parallel.constrain(jnp.zeros(shape, cfg.compute_dtype), _CACHE_AXES)
+    def zeros(shape, axes):
+      return parallel.constrain(jnp.zeros(shape, cfg.compute_dtype), axes)
 
-    return cls(k=tuple(zeros() for _ in range(cfg.num_layers)),
-               v=tuple(zeros() for _ in range(cfg.num_layers)),
+    return cls(k=tuple(zeros(k_shape, _K_AXES) for _ in range(cfg.num_layers)),
+               v=tuple(zeros(v_shape, _V_AXES) for _ in range(cfg.num_layers)),
                segments=jnp.zeros((batch, max_length), jnp.int32),
                index=jnp.zeros((), jnp.int32))
 
@@ -82,8 +84,8 @@ class ScanForward:
 
   def init_cache(self, batch: int, length: int) -> KVCache:
     cache = KVCache.init(self.cfg, batch, length)
-    return cache.replace(k=parallel.constrain(cache.k, KVCache.LOGICAL_AXES),
-                         v=parallel.constrain(cache.v, KVCache.LOGICAL_AXES))
+    return cache.replace(k=parallel.constrain(cache.k, KVCache.K_AXES),
+                         v=parallel.constrain(cache.v, KVCache.V_AXES))
 
   def __call__(self, model, tokens, positions, segments, cache):
     """Writes tokens [B, T] at cache.index; returns (final hidden states, cache)."""
@@ -125,8 +127,8 @@ class UnrolledForward(ScanForward):
     for layer, k, v in zip(ctx.layers, cache.k, cache.v):
       x, (k, v) = nnx.merge(ctx.block_def, layer)(x, positions, segments, (k, v),
                                                   cache_segments, cache.index)
-      ks.append(parallel.constrain(k, _CACHE_AXES))
-      vs.append(parallel.constrain(v, _CACHE_AXES))
+      ks.append(parallel.constrain(k, _K_AXES))
+      vs.append(parallel.constrain(v, _V_AXES))
     cache = LayerCache(k=tuple(ks), v=tuple(vs), segments=cache_segments,
                        index=cache.index + tokens.shape[1])
     return model.final_norm(x), cache

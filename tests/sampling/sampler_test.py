@@ -149,7 +149,8 @@ def test_the_models_scan_and_unrolled_layers_agree(model, sampler):
   a, b = sampler.generate(params, PROMPTS, GREEDY), scan.generate(params, PROMPTS, GREEDY)
   np.testing.assert_array_equal(a.tokens, b.tokens)
   np.testing.assert_allclose(a.policy_logprobs, b.policy_logprobs, atol=1e-5)
-  assert b.state.cache.k.shape == (CFG.num_layers, 4, CFG.num_kv_heads, 64, CFG.head_dim)
+  assert b.state.cache.k.shape == (CFG.num_layers, 4, CFG.num_kv_heads, CFG.head_dim, 64)
+  assert b.state.cache.v.shape == (CFG.num_layers, 4, CFG.num_kv_heads, 64, CFG.head_dim)
 
 
 def test_params_are_swapped_without_recompiling(model, sampler, full_logits, make_transformer):
@@ -278,5 +279,5 @@ def test_sharded_on_a_2x2x2_mesh_gives_the_single_device_output(model, sampler):
   np.testing.assert_allclose(out.logprobs, single.logprobs, atol=1e-5)
   np.testing.assert_allclose(out.policy_logprobs, single.policy_logprobs, atol=1e-5)
   # ... and the batch (bucket 4: one row per data shard) and the cache by theirs.
-  k = out.state.cache.k[0]  # layer 0: [batch, kv_heads, length, head_dim]
+  k = out.state.cache.k[0]  # layer 0: [batch, kv_heads, head_dim, length]
   assert k.shape[0] == 4 and k.sharding.shard_shape(k.shape)[:2] == (1, 1)
