@@ -19,19 +19,22 @@ the updated state reuses the argument buffers):
   + max(loss working set, one layer's backward working set)
 
 The residual lists are what XLA keeps, read from the compiled HLO (the forward
-`while` loop's stacked outputs), not JAX's residual list: of the attention
-softmax only the probabilities stay, and XLA hoists the mask out of the loop. The working-set coefficients are fitted to `compiled.memory_analysis()`
-of the real step on CPU (fp32, meshes (1,1,1), (1,8,1), (2,2,2), up to the
-Qwen2.5-32B layer shape at 4096 tokens), where the plan is within 15 % and
-mostly within 7 %; tests/tools/memory_test.py holds it to that. The residual
-and loss terms were refitted after the fused head and `swiglu_mlp` VJP landed:
-the eight test cases now plan within 10 %. Caveats:
+`while` loop's stacked outputs), not JAX's residual list. Attention is blocked
+(`m2.model.modules.causal_attention`): it keeps a log-sum-exp per query row
+instead of the [B,K,G,T,T] probabilities, and its backward works on one query
+block's scores at a time. The working-set coefficients are fitted to
+`compiled.memory_analysis()` of the real step on CPU (fp32, meshes (1,1,1),
+(1,8,1), (2,2,2), 256 to 2048 tokens); tests/tools/memory_test.py holds the
+plan within 15 % of it. Caveats:
   * bf16 on CPU: XLA CPU upcasts stacked bf16 residuals to fp32 in the backward
     loop, so `remat none` + bf16 uses up to 25 % more there than planned.
+  * With many tokens per device and a large vocab the loss term is an
+    overestimate (8 x 1024 tokens, vocab 32768, one device: plan 1.20x XLA).
+  * `dots` and `dots_no_batch` are counted from the layer's matmul outputs but
+    not fitted: XLA keeps up to 2x more per layer than planned.
   * GPU/TPU compilers fuse the loss and attention better and keep bf16
     intermediates in bf16; the working sets here count fp32, so on
-    accelerators they are an upper bound. The attention is not flash
-    attention: its [B,K,G,T,T] scores dominate a layer's backward at long T.
+    accelerators they are an upper bound.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from flax import nnx
 
 from m2 import configlib, parallel
 from m2.model.config import ModelConfig, model_config_from, preset
-from m2.model.modules import Block
+from m2.model.modules import Block, query_blocks
 from m2.model.transformer import Transformer
 from m2.train.optimizer import OptimizerConfig, make_optimizer
 from m2.train.state import TrainState
@@ -240,7 +243,7 @@ def _saved_per_layer(policy: str, u: dict[str, int], cb: int, cast_weights: int,
   if policy == "none":
     norms = 2 * a * (8 + cb)          # per RMSNorm: two fp32 [B,T,E], the matmul input
     attn = 2 * q * cb + 2 * kv * cb   # roped q, attention output; transposed k, v
-    attn += s * cb                    # softmax probabilities
+    attn += u["rows"] * 4             # fp32 log-sum-exp per query row
     mlp = 2 * m * cb                  # [gate, up] (what `swiglu_mlp` saves)
     return norms + attn + mlp + cast_weights
   carry = a * cb  # the layer input, from which the rest is recomputed
@@ -311,7 +314,9 @@ def plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
   m = sh.local((batch, seq_len, 2, c.mlp_dim), ("batch", "length", None, "mlp"))[3]
   v = sh.local((batch, seq_len, c.vocab_size), ("batch", "length", "vocab"))[2]
   u = {"embed": b * t * e, "q": b * t * k * g * d, "kv": b * t * k * d,
-       "scores": b * k * g * t * seq_len, "mlp": b * t * m}
+       "rows": b * k * g * t, "mlp": b * t * m,
+       # The largest query block's [B,K,G,rows,keys] scores (`query_blocks`).
+       "scores": b * k * g * max((hi - lo) * hi for lo, hi in query_blocks(seq_len))}
   cb = jnp.dtype(c.compute_dtype).itemsize
 
   # Weights a layer works on: the batch axes' (FSDP) shards are gathered for the matmuls.
@@ -324,9 +329,6 @@ def plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
   tagged = checkpoint_names(model_cfg) if policy == "qkv_proj" else frozenset()
   per_layer = _saved_per_layer(policy, u, cb, cast, tagged)
   saved = c.num_layers * per_layer
-  if policy == "none":
-    # The additive fp32 mask [B,T,S], hoisted out of the scan by XLA.
-    saved += u["scores"] // (k * g) * 4
   head = state.params["embed" if c.tie_embeddings else "lm_head"]
   head_full = _state_bytes(head, sh, drop=batch_axes)
 
