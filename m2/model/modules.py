@@ -128,6 +128,49 @@ def _causal_attention_bwd(res, d_out):
 causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
 
 
+def cached_attention(q, k, v, cache, q_segments, cache_segments, cache_index):
+  """T new tokens attend to the cache and to each other; returns (out, updated cache).
+
+  q [B, K, G, T, D] (already scaled), k [B, K, D, T], v [B, K, T, D]; cache = (keys
+  [B, K, D, S] slot-minor, values [B, K, S, D]) (`KVCache`); the new tokens go to
+  slots [cache_index, cache_index + T). cache_segments [B, S] already holds theirs.
+  """
+  cache_k, cache_v = cache
+  k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
+  new_cache = (jax.lax.dynamic_update_slice(cache_k, k, (0, 0, 0, cache_index)),
+               jax.lax.dynamic_update_slice(cache_v, v, (0, 0, cache_index, 0)))
+  t, slots = q.shape[3], jnp.arange(cache_v.shape[2])
+
+  def same_segment(q_seg, k_seg):
+    return (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+
+  if q.shape[0] > 1:  # attend to the updated cache, which XLA then writes in place
+    parts = [(*new_cache, ((cache_index + jnp.arange(t))[:, None] >= slots)[None]
+              & same_segment(q_segments, cache_segments))]
+  else:
+    # With one row XLA's dots drop the unit batch dim, and a reader of the updated
+    # cache in that shape makes it duplicate the update and copy every layer's cache
+    # on every step (~10 % of a batch-1 decode step on CPU). So the queries read the
+    # cache as it was plus the new keys, and the update has one reader.
+    parts = [(cache_k, cache_v, (slots < cache_index)[None, None]
+              & same_segment(q_segments, cache_segments)),
+             (k, v, (jnp.arange(t)[:, None] >= jnp.arange(t))[None]
+              & same_segment(q_segments, q_segments))]
+  dt = q.dtype
+  # Keys are slot-minor: a plain [G, D] x [D, S] matmul per kv head.
+  scores = jnp.concatenate([
+      jnp.einsum("bkgtd,bkds->bkgts", q, keys.astype(dt), preferred_element_type=jnp.float32)
+      + jnp.where(visible, 0.0, -1e30)[:, None, None] for keys, _, visible in parts], axis=-1)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+  outs, lo = [], 0
+  for _, values, _ in parts:
+    outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs[..., lo:lo + values.shape[2]],
+                           values.astype(dt)))
+    lo += values.shape[2]
+  out = sum(outs[1:], outs[0])
+  return out, new_cache
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -172,20 +215,8 @@ class Attention(nnx.Module):
       k = k.transpose(0, 2, 1, 3)  # [B, K, T, D]
       attn = causal_attention(q, k.astype(dt), v.astype(dt), q_segments)
     else:
-      cache_k, cache_v = kv_cache  # [B, K, D, S], [B, K, S, D] (`KVCache`)
-      k = k.transpose(0, 2, 3, 1).astype(cache_k.dtype)
-      k = jax.lax.dynamic_update_slice(cache_k, k, (0, 0, 0, cache_index))
-      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, cache_index, 0))
-      q_slots = cache_index + jnp.arange(t)
-      visible = ((q_slots[:, None] >= jnp.arange(v.shape[2])[None, :])[None]
-                 & (q_segments[:, :, None] == cache_segments[:, None, :])
-                 & (cache_segments[:, None, :] != 0))  # [B, T, S]
-      # The cache's keys are slot-minor: a plain [G, D] x [D, S] matmul per kv head.
-      scores = jnp.einsum("bkgtd,bkds->bkgts", q, k.astype(dt),
-                          preferred_element_type=jnp.float32)
-      scores = scores + jnp.where(visible, 0.0, -1e30)[:, None, None]
-      probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-      attn = jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(dt))
+      attn, (k, v) = cached_attention(q, k.transpose(0, 2, 3, 1), v, kv_cache, q_segments,
+                                      cache_segments, cache_index)
     # Output projection as one matmul over (K, G, D) = all query heads.
     b = x.shape[0]
     attn = attn.transpose(0, 3, 1, 2, 4).reshape(b * t, -1)

@@ -22,19 +22,24 @@ def tokens(b, t, seed=0, vocab=97):
   return jax.random.randint(jax.random.PRNGKey(seed), (b, t), 1, vocab)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-def test_prefill_then_decode_matches_full_forward(family):
+@pytest.mark.parametrize("family,batch", [("qwen2", 2), ("qwen3", 2), ("qwen2", 1)])
+def test_prefill_then_decode_matches_full_forward(family, batch):
+  """Batch 1 takes its own cached-attention order (`modules.cached_attention`)."""
   m = model(family)
-  x = tokens(2, 10)
+  x = tokens(batch, 13)
   full, _ = m(x)
-  cache = KVCache.init(m.cfg, batch=2, max_length=16)
+  cache = KVCache.init(m.cfg, batch=batch, max_length=16)
   logits, cache = m(x[:, :6], cache=cache)
   np.testing.assert_allclose(logits, full[:, :6], atol=1e-5)
   for t in range(6, 10):
-    pos = jnp.full((2, 1), t, jnp.int32)
+    pos = jnp.full((batch, 1), t, jnp.int32)
     step_logits, cache = m(x[:, t:t + 1], positions=pos, cache=cache)
     np.testing.assert_allclose(step_logits[:, 0], full[:, t], atol=1e-5)
-  assert int(cache.index) == 10
+  # A later chunk of several tokens (the next turn) over the cache.
+  pos = jnp.broadcast_to(jnp.arange(10, 13), (batch, 3))
+  chunk_logits, cache = m(x[:, 10:], positions=pos, cache=cache)
+  np.testing.assert_allclose(chunk_logits, full[:, 10:], atol=1e-5)
+  assert int(cache.index) == 13
 
 
 def test_left_padded_batch_decodes_like_unpadded_rows():
