@@ -94,6 +94,10 @@ class ScanForward:
   def logits(self, model, hidden):
     return model.logits(hidden)
 
+  def module(self, model) -> nnx.Module:
+    """The Transformer (with its weights) behind a `prepare` result."""
+    return model
+
 
 @dataclasses.dataclass(frozen=True)
 class _Unrolled:
@@ -135,6 +139,9 @@ class UnrolledForward(ScanForward):
 
   def logits(self, ctx: _Unrolled, hidden):
     return ctx.model.logits(hidden)
+
+  def module(self, ctx: _Unrolled) -> nnx.Module:
+    return ctx.model
 
 
 FORWARDS = {"scan": ScanForward, "unrolled": UnrolledForward}

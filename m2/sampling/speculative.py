@@ -25,12 +25,10 @@ larger batches leave holes, which `Sampler.generate` squeezes out when the
 cache runs short. The cache is sized for prompt + max_new_tokens + k + 1.
 
 The drafter is any `Drafter`: `ModelDrafter` wraps a small m2 Transformer
-sharing the tokenizer. The interface hands the target's final hidden states
-to the drafter (at prefill and after each verification), which is what an
-EAGLE-style head (Li et al. 2024, arXiv 2401.15077; EAGLE-3 in Baichuan-M2's
-release) needs: it would keep its own one-layer cache in the same slot
-layout, read the target's features in `prefill` / `commit`, and propose from
-them in `propose`.
+sharing the tokenizer; `m2.sampling.eagle.EagleDrafter` is an EAGLE-style head
+(Li et al. 2024, arXiv 2401.15077; Baichuan-M2 ships an EAGLE-3 head) that
+drafts from the target's final hidden states, which the interface hands over
+at prefill and after each verification.
 """
 
 from __future__ import annotations
@@ -70,9 +68,10 @@ class Drafter(abc.ABC):
     """Validates the drafter's parameters on the host, before anything compiles."""
     return params
 
-  def prepare(self, params) -> Any:
+  def prepare(self, params, target: nnx.Module) -> Any:
     """Inside jit, once per call before the decode loop; the other methods get
-    the result as `params`."""
+    the result as `params`. target: the target Transformer with its weights
+    (an EAGLE head reads its embedding and LM head)."""
     return params
 
   @abc.abstractmethod
@@ -98,15 +97,15 @@ class Drafter(abc.ABC):
     """
 
   @abc.abstractmethod
-  def commit(self, state, segments, index, hidden, kept) -> Any:
+  def commit(self, params, state, segments, index, hidden, kept, tokens, positions) -> Any:
     """After verification: adopt the target cache's segments [B, S] and index.
 
-    hidden: the target's final hidden states after each of the k + 1 verified
-            tokens [cur, d_1..d_k], [B, k + 1, E].
+    tokens: the k + 1 verified tokens [cur, d_1..d_k], [B, k + 1], at positions
+            [B, k + 1]; the target wrote them at the index `propose` started from.
+    hidden: the target's final hidden states after each of them, [B, k + 1, E].
     kept:   [B] tokens each row kept this round (0 for finished rows). The row's
             cache now ends with cur, d_1..d_{kept-1}; its new pending token was
-            predicted from hidden[:, kept - 1], the feature an EAGLE head
-            drafts the next round from.
+            predicted from hidden[:, kept - 1].
     """
 
   @abc.abstractmethod
@@ -139,7 +138,7 @@ class ModelDrafter(Drafter):
     check_param_tree(params, self._abstract, "draft_params")
     return params
 
-  def prepare(self, params):
+  def prepare(self, params, target):
     return self.forward.prepare(params)
 
   def init(self, batch, cache_length):
@@ -165,7 +164,7 @@ class ModelDrafter(Drafter):
     cache = self.forward(ctx, last[:, None], (position + num_tokens)[:, None], seg, cache)[1]
     return cache, drafts, logq
 
-  def commit(self, cache, segments, index, hidden, kept):
+  def commit(self, ctx, cache, segments, index, hidden, kept, tokens, positions):
     return cache.replace(segments=segments, index=index)
 
   def relayout(self, cache, segments, index, order=None):
@@ -224,7 +223,8 @@ class SpeculativeSampler(Sampler):
 
   def _prepare(self, params):
     target, draft = params
-    return self.forward.prepare(target), self.drafter.prepare(draft)
+    target = self.forward.prepare(target)
+    return target, self.drafter.prepare(draft, self.forward.module(target))
 
   def _prefill(self, ctx, state, tokens, positions, segments):
     target, draft = ctx
@@ -310,7 +310,8 @@ class SpeculativeSampler(Sampler):
     new_index = index + jnp.max(kept)
     cache, slot_positions = cache_ops.drop_from(loop.state.cache, slot_positions, pos + kept,
                                                 new_index)
-    draft_state = self.drafter.commit(draft_state, cache.segments, new_index, hidden, kept)
+    draft_state = self.drafter.commit(draft, draft_state, cache.segments, new_index, hidden, kept,
+                                      fed, positions)
     stats = loop.stats
     stats = {"proposed": stats["proposed"] + k * active,
              "accepted": stats["accepted"] + jnp.where(active, n, 0),

@@ -125,7 +125,7 @@ class FeatureDrafter(Drafter):
     drafts, logq = zip(*(sample(logits, i) for i in range(num_tokens)))
     return state, jnp.stack(drafts, 1), jnp.stack(logq, 1)
 
-  def commit(self, state, segments, index, hidden, kept):
+  def commit(self, params, state, segments, index, hidden, kept, tokens, positions):
     feature = jnp.take_along_axis(hidden, jnp.maximum(kept - 1, 0)[:, None, None], 1)[:, 0]
     return jnp.where((kept > 0)[:, None], feature.astype(jnp.float32), state)
 
@@ -172,7 +172,7 @@ class UniformDrafter(Drafter):
     drafts, logq = zip(*(sample(flat, i) for i in range(num_tokens)))
     return state, jnp.stack(drafts, 1), jnp.stack(logq, 1)
 
-  def commit(self, state, segments, index, hidden, kept):
+  def commit(self, params, state, segments, index, hidden, kept, tokens, positions):
     return state
 
   def relayout(self, state, segments, index, order=None):

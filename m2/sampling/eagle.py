@@ -1,0 +1,162 @@
+"""An EAGLE-style draft head (Li et al. 2024, arXiv 2401.15077) for `SpeculativeSampler`.
+
+The head drafts from the target's own features: the final hidden states that
+the target's LM head reads. At position t it takes (f_{t-1}, embed(x_t)), the
+feature before the token and the token, through a projection and one decoder
+layer, and predicts f_t; the target's LM head turns that into the distribution
+of x_{t+1}. Later tokens of a round feed back the head's own predicted
+features. It has no embedding table or LM head of its own: it reads the
+target's, so it adds one layer plus a [2, E, E] projection to the target.
+
+Its KV cache shares the target cache's slot layout. A round drafts from
+predicted features; `commit` then rewrites the round's k + 1 slots from the
+target's real features, so the cache holds what a prefill of the accepted text
+would (tests/sampling/eagle_test.py checks this).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from m2.model import head
+from m2.model.config import ModelConfig
+from m2.model.modules import Block, RMSNorm, param
+from m2.sampling import cache_ops
+from m2.sampling.forward import LayerCache
+from m2.sampling.speculative import Drafter
+from m2.sampling.sampler import check_param_tree
+
+
+class EagleHead(nnx.Module):
+  """fc([embed(x_t), f_{t-1}]) -> one Block -> RMSNorm: the predicted feature f_t.
+
+  cfg is the target's config (the layer has the target's shapes).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    e = cfg.embed_dim
+    self.fc = param(rngs, (2, e, e), (None, "embed", None), cfg.weight_dtype)
+    self.block = Block(cfg, rngs=rngs)
+    self.norm = RMSNorm(e, cfg.rms_norm_eps, cfg)
+
+  def __call__(self, token_embeds, features, positions, segments, kv_cache=None,
+               cache_segments=None, cache_index=None):
+    """token_embeds, features: [B, T, E]. Returns (predicted features [B, T, E], kv)."""
+    dt = self.cfg.compute_dtype
+    fc = self.fc[...].astype(dt)
+    x = (jnp.einsum("bte,ef->btf", token_embeds.astype(dt), fc[0])
+         + jnp.einsum("bte,ef->btf", features.astype(dt), fc[1]))
+    x, kv = self.block(x, positions, segments, kv_cache, cache_segments, cache_index)
+    return self.norm(x), kv
+
+
+def shift_features(features, segments, first):
+  """f_{t-1} for each t of a chunk: features [B, T, E] moved one slot right.
+
+  A chunk's first real token (after left padding) gets `first` [B, E], the
+  feature before the chunk (zeros for a new conversation).
+  """
+  prev = jnp.concatenate([first[:, None], features[:, :-1]], axis=1)
+  prev_real = jnp.concatenate([jnp.zeros_like(segments[:, :1]), segments[:, :-1]], axis=1) != 0
+  return jnp.where(prev_real[..., None], prev, first[:, None].astype(prev.dtype))
+
+
+@struct.dataclass
+class EagleState:
+  """cache: the head's one-layer cache; feature: [B, E] the target feature that
+  predicted each row's pending token (what the next round drafts from)."""
+
+  cache: LayerCache
+  feature: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+  head: EagleHead
+  embed: jax.Array       # the target's [V, E] table
+  out: jax.Array         # the target's output embedding
+  out_axes: str
+
+
+class EagleDrafter(Drafter):
+  """Drafts with an `EagleHead` over the target's features, embedding and LM head."""
+
+  def __init__(self, head_module: EagleHead):
+    if not isinstance(head_module, EagleHead):
+      raise TypeError(f"EagleDrafter needs an EagleHead, got {type(head_module).__name__}")
+    self.cfg: ModelConfig = head_module.cfg
+    self.vocab_size = self.cfg.vocab_size
+    self.graphdef, abstract = nnx.split(head_module)
+    self._abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
+
+  def check_params(self, params):
+    if isinstance(params, nnx.Module):
+      params = nnx.state(params)
+    check_param_tree(params, self._abstract, "draft_params")
+    return params
+
+  def prepare(self, params, target):
+    out, out_axes = target.output_embedding()
+    return _Context(nnx.merge(self.graphdef, params), target.embed[...], out, out_axes)
+
+  def init(self, batch, cache_length):
+    cache = LayerCache.init(self.cfg.replace(num_layers=1), batch, cache_length)
+    return EagleState(cache, jnp.zeros((batch, self.cfg.embed_dim), self.cfg.compute_dtype))
+
+  def _write(self, ctx: _Context, state: EagleState, tokens, positions, segments, features):
+    """Runs the head on a chunk written at the cache index; returns (predictions, cache)."""
+    cache = state.cache
+    cache_segments = jax.lax.dynamic_update_slice(cache.segments, segments.astype(jnp.int32),
+                                                  (0, cache.index))
+    embeds = jnp.take(ctx.embed, tokens, axis=0)
+    pred, (k, v) = ctx.head(embeds, features, positions, segments, (cache.k[0], cache.v[0]),
+                            cache_segments, cache.index)
+    return pred, LayerCache(k=(k,), v=(v,), segments=cache_segments,
+                            index=cache.index + tokens.shape[1])
+
+  def prefill(self, ctx, state, tokens, positions, segments, hidden):
+    features = shift_features(hidden, segments, state.feature)
+    _, cache = self._write(ctx, state, tokens, positions, segments, features)
+    last_real = segments[:, -1] != 0
+    return EagleState(cache, jnp.where(last_real[:, None], hidden[:, -1], state.feature))
+
+  def propose(self, ctx, state, token, position, segment, num_tokens, sample):
+    b = token.shape[0]
+    seg = segment[:, None]
+
+    def step(i, carry):
+      cache, tok, feat, drafts, logq = carry
+      pred, cache = self._write(ctx, EagleState(cache, feat), tok[:, None], (position + i)[:, None],
+                                seg, feat[:, None])
+      d, lq = sample(head.logits(pred[:, 0], ctx.out, ctx.out_axes), i)
+      return cache, d, pred[:, 0], drafts.at[:, i].set(d), logq.at[:, i].set(lq)
+
+    init = (state.cache, token, state.feature, jnp.zeros((b, num_tokens), jnp.int32),
+            jnp.zeros((b, num_tokens, self.vocab_size), jnp.float32))
+    cache, _, _, drafts, logq = jax.lax.fori_loop(0, num_tokens, step, init)
+    # The drafted slots are rewritten from real features in `commit`: keep the index.
+    return state.replace(cache=cache.replace(index=state.cache.index)), drafts, logq
+
+  def commit(self, ctx, state, segments, index, hidden, kept, tokens, positions):
+    active = kept > 0
+    chunk_segments = jnp.broadcast_to(active.astype(jnp.int32)[:, None], tokens.shape)
+    features = jnp.concatenate([state.feature[:, None], hidden[:, :-1]], axis=1)
+    _, cache = self._write(ctx, state, tokens, positions, chunk_segments, features)
+    last = jnp.take_along_axis(hidden, jnp.maximum(kept - 1, 0)[:, None, None], axis=1)[:, 0]
+    return EagleState(cache.replace(segments=segments, index=index),
+                      jnp.where(active[:, None], last, state.feature))
+
+  def relayout(self, state, segments, index, order=None):
+    if order is None:
+      cache = state.cache.replace(segments=segments, index=index)
+    else:
+      cache = cache_ops.reorder(state.cache, order, segments, index)
+    return state.replace(cache=cache)
+
+
+__all__ = ["EagleDrafter", "EagleHead", "EagleState", "shift_features"]

@@ -1,0 +1,88 @@
+"""The EAGLE-style drafter: exact greedy output, and a cache that matches a prefill."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from m2.model import ModelConfig
+from m2.sampling import Sampler, SamplingParams, SpeculativeSampler
+from m2.sampling.eagle import EagleDrafter, EagleHead
+
+CFG = ModelConfig(vocab_size=96, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
+                  head_dim=8, mlp_dim=64)
+PROMPTS = [[5, 9, 3, 4, 17, 2, 8], [7, 8], [4, 40, 41]]
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=10)
+K = 3
+
+
+@pytest.fixture(scope="module")
+def target(make_transformer):
+  return make_transformer(CFG, 0)
+
+
+@pytest.fixture(scope="module")
+def eagle():
+  head = EagleHead(CFG, rngs=nnx.Rngs(1))
+  return EagleDrafter(head), nnx.state(head)
+
+
+def test_greedy_with_an_eagle_head_equals_target_greedy(target, eagle):
+  drafter, head_params = eagle
+  params = nnx.state(target)
+  spec = SpeculativeSampler(target, drafter, num_draft_tokens=K)
+  plain = Sampler(target)
+  ref = plain.generate(params, PROMPTS, GREEDY)
+  out = spec.generate(params, PROMPTS, GREEDY, draft_params=head_params)
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+  assert out.stats["rounds"] >= 3
+  # The next turn of the same conversations goes through the head's prefill.
+  turn = [[11, 12], [13], [14, 15, 16]]
+  np.testing.assert_array_equal(
+      spec.generate(params, turn, GREEDY, state=out.state, draft_params=head_params).tokens,
+      plain.generate(params, turn, GREEDY, state=ref.state).tokens)
+
+
+def test_after_a_round_the_head_cache_is_what_a_prefill_of_the_kept_text_gives(target, eagle):
+  """`commit` rewrites the drafted slots from the target's real features: keeping
+  the keys computed from the head's own predicted features would fail this."""
+  drafter, head_params = eagle
+  ctx = drafter.prepare(head_params, target)
+  text = np.array([[5, 9, 3, 4, 17, 2, 8, 30, 31, 32]], np.int32)
+  hidden = target(jnp.asarray(text), return_hidden=True)[0]
+  positions = jnp.arange(text.shape[1])[None]
+  ones = jnp.ones_like(positions)
+  p, k, kept = 6, K, 3  # prompt of 6, then cur = text[6] pending; the round keeps 3 tokens
+
+  state = drafter.prefill(ctx, drafter.init(1, 16), text[:, :p], positions[:, :p], ones[:, :p],
+                          hidden[:, :p])
+
+  def greedy(logits, i):
+    return jnp.argmax(logits, -1).astype(jnp.int32), jax.nn.log_softmax(logits)
+
+  state, drafts, _ = drafter.propose(ctx, state, text[:, p], positions[0, p:p + 1],
+                                     ones[0, :1], k, greedy)
+  assert drafts.shape == (1, k)
+  fed, fed_positions = text[:, p:p + k + 1], positions[:, p:p + k + 1]
+  segments = (jnp.arange(16) < p + kept)[None].astype(jnp.int32)
+  state = drafter.commit(ctx, state, segments, p + kept, hidden[:, p:p + k + 1],
+                         jnp.array([kept]), fed, fed_positions)
+
+  fresh = drafter.prefill(ctx, drafter.init(1, 16), text[:, :p + kept],
+                          positions[:, :p + kept], ones[:, :p + kept], hidden[:, :p + kept])
+  n = p + kept  # keys are [B, K, D, slots], values [B, K, slots, D]
+  np.testing.assert_allclose(state.cache.k[0][..., :n], fresh.cache.k[0][..., :n], atol=1e-5)
+  np.testing.assert_allclose(state.cache.v[0][:, :, :n], fresh.cache.v[0][:, :, :n], atol=1e-5)
+  assert int(state.cache.index) == p + kept
+  # The next round drafts from the feature that predicted the pending token text[p + kept].
+  np.testing.assert_allclose(state.feature, hidden[:, p + kept - 1], atol=1e-6)
+
+
+def test_an_eagle_head_for_another_shape_is_refused_before_compiling(target, eagle):
+  drafter, _ = eagle
+  spec = SpeculativeSampler(target, drafter, num_draft_tokens=K)
+  other = nnx.state(EagleHead(CFG.replace(embed_dim=16, head_dim=4), rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="draft_params do not fit"):
+    spec.generate(nnx.state(target), PROMPTS, GREEDY, draft_params=other)
+  assert spec.num_compiles == 0
