@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class DraftConfig:
+  kind: str = "model"         # "model": a small Transformer; "eagle": an EAGLE head
   layers: int = 1
   prompts: int = 256          # distillation prompts
   prompt_len: int = 32
@@ -39,12 +41,18 @@ class DraftConfig:
   steps: int = 200
   batch_size: int = 16
   learning_rate: float = 2e-3
+  eagle_cls_weight: float = 0.1  # EAGLE's loss: feature regression + this x token CE
   seed: int = 0
 
   def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"DraftConfig.kind: one of {KINDS} (got {self.kind!r})")
     for f in ("layers", "prompts", "prompt_len", "new_tokens", "steps", "batch_size"):
       if not (isinstance(getattr(self, f), int) and getattr(self, f) > 0):
         raise ValueError(f"DraftConfig.{f}: must be a positive int (got {getattr(self, f)!r})")
+
+
+KINDS = ("model", "eagle")
 
 
 def draft_config(target_cfg, layers: int):
@@ -155,20 +163,204 @@ def distill(target_cfg, target_params, tokenizer, workdir: str, cfg: DraftConfig
   return dcfg, params, report
 
 
-def speculative_stats(target_cfg, target_params, draft_cfg, draft_params, prompts,
+# --- EAGLE head ------------------------------------------------------------------------
+
+def target_features(model, samples: np.ndarray, batch: int = 64) -> np.ndarray:
+  """[n, W, E] the target's final hidden states (what its LM head reads) over `samples`."""
+  import jax
+  from flax import nnx
+
+  graphdef, state = nnx.split(model)
+  run = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens, return_hidden=True)[0])
+  return np.concatenate([np.asarray(run(state, samples[i:i + batch]))
+                         for i in range(0, len(samples), batch)])
+
+
+def eagle_dataset(samples: np.ndarray, features: np.ndarray, prompt_len: int, batch_size: int,
+                  seed: int):
+  """grain batches for `eagle_loss`: at position t the head reads token x_t and the
+  feature f_{t-1} (zeros at t = 0) and learns f_t and x_{t+1}, on generated tokens."""
+  import grain
+
+  n, width = samples.shape
+  examples = []
+  for row, f in zip(samples, features):
+    mask = np.zeros(width - 1, np.int32)
+    mask[prompt_len - 1:] = 1
+    examples.append({"inputs": row[:-1], "targets": row[1:],
+                     "features_in": np.concatenate([np.zeros_like(f[:1]), f[:-2]]),
+                     "features": f[:-1],
+                     "positions": np.arange(width - 1, dtype=np.int32),
+                     "segments": np.ones(width - 1, np.int32), "loss_mask": mask})
+  return (grain.MapDataset.source(examples).shuffle(seed=seed).repeat()
+          .batch(batch_size, drop_remainder=True).to_iter_dataset())
+
+
+def _eagle_trainer(cfg):
+  """An EagleHead beside the target's embedding (and LM head), which it does not train:
+  `eagle_loss` stops their gradients and the draft optimizer has no weight decay."""
+  from flax import nnx
+
+  from m2.model.modules import param
+  from m2.sampling.eagle import EagleHead
+
+  class EagleTrainer(nnx.Module):
+
+    def __init__(self, rngs):
+      self.head = EagleHead(cfg, rngs=rngs)
+      self.embed = param(None, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"),
+                         cfg.weight_dtype)
+      if not cfg.tie_embeddings:
+        self.lm_head = param(None, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"),
+                             cfg.weight_dtype)
+
+    def output_embedding(self):
+      if cfg.tie_embeddings:
+        return self.embed[...], "ve"
+      return self.lm_head[...], "ev"
+
+  return EagleTrainer
+
+
+def eagle_loss(model, batch, cls_weight: float):
+  """EAGLE's objective: smooth-L1 regression of the target's features plus
+  `cls_weight` x the cross entropy of the target's tokens under the target's LM head."""
+  import jax
+  import jax.numpy as jnp
+
+  from m2.model import head
+
+  embed = jax.lax.stop_gradient(model.embed[...])
+  out, out_axes = model.output_embedding()
+  pred, _ = model.head(jnp.take(embed, batch["inputs"], axis=0), batch["features_in"],
+                       batch["positions"], batch["segments"])
+  err = jnp.abs(pred.astype(jnp.float32) - batch["features"])
+  feature_loss = jnp.mean(jnp.where(err < 1.0, 0.5 * err * err, err - 0.5), axis=-1)
+  nll = -head.target_logprobs(pred, jax.lax.stop_gradient(out), batch["targets"], out_axes)[0]
+  mask = batch["loss_mask"].astype(jnp.float32)
+  tokens = jnp.maximum(mask.sum(), 1.0)
+  mean = lambda x: (x * mask).sum() / tokens  # noqa: E731
+  return (mean(feature_loss + cls_weight * nll),
+          {"tokens": mask.sum(), "feature_loss": mean(feature_loss), "token_nll": mean(nll)})
+
+
+def distill_eagle(target_cfg, target_params, tokenizer, workdir: str, cfg: DraftConfig, *,
+                  data_dir: str | None = None):
+  """Trains an EAGLE head in `workdir` on the target's samples and features (m2's
+  train loop, resumable). Returns (params of the EagleHead, report)."""
+  import functools
+
+  import jax
+  from flax import nnx
+
+  from m2.train.loop import MeshConfig, TrainConfig, train
+  from m2.train.optimizer import OptimizerConfig
+
+  target = m2_model(target_cfg, target_params)
+  prompts = medical_prompts(tokenizer, "train", cfg.prompts, cfg.prompt_len, cfg.seed, data_dir)
+  start = time.time()
+  samples, prompt_len = target_samples(target, nnx.state(target), prompts, cfg.new_tokens)
+  features = target_features(target, samples)
+  sample_s = time.time() - start
+  trainer = _eagle_trainer(target_cfg)
+  make = lambda: trainer(nnx.Rngs(cfg.seed))  # noqa: E731
+  init = nnx.state(make(), nnx.Param)
+  shared = {k: np.asarray(target_params[k]) for k in ("embed", "lm_head") if k in target_params}
+  nnx.replace_by_pure_dict(init, {"head": nnx.to_pure_dict(init)["head"], **shared})
+  train_cfg = TrainConfig(
+      steps=cfg.steps, batch_size=cfg.batch_size, seq_len=samples.shape[1] - 1,
+      log_every=max(1, cfg.steps // 5), save_every=cfg.steps, keep_checkpoints=1,
+      seed=cfg.seed, optimizer=OptimizerConfig(
+          learning_rate=cfg.learning_rate, warmup_steps=max(1, cfg.steps // 10),
+          decay_steps=max(1, cfg.steps - cfg.steps // 10), weight_decay=0.0))
+  result = train(target_cfg, train_cfg, MeshConfig(),
+                 eagle_dataset(samples, features, prompt_len, cfg.batch_size, cfg.seed),
+                 workdir, init_params=init, meta={"stage": "eagle_draft"}, make_model=make,
+                 loss_fn=functools.partial(eagle_loss, cls_weight=cfg.eagle_cls_weight))
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(result.state.params)["head"])
+  report = {"kind": "eagle", "samples": int(samples.shape[0]), "sample_s": sample_s,
+            "train_s": result.wall_s, "final": result.final_metrics}
+  return params, report
+
+
+EAGLE_WEIGHTS, EAGLE_CONFIG = "eagle_head.safetensors", "eagle_config.json"
+
+
+def write_eagle_folder(target_cfg, head_params: dict, folder) -> None:
+  """The head's weights under m2's parameter paths ("block/attn/qkv", ...) and the
+  target's model config. It has no embedding or LM head: it uses the target's."""
+  import pathlib
+
+  from safetensors.numpy import save_file
+
+  flat = {}
+
+  def visit(prefix, node):
+    for key, value in node.items():
+      path = f"{prefix}{key}"
+      if isinstance(value, dict):
+        visit(path + "/", value)
+      else:
+        flat[path] = np.ascontiguousarray(np.asarray(value))
+
+  visit("", head_params)
+  folder = pathlib.Path(folder)
+  save_file(flat, str(folder / EAGLE_WEIGHTS))
+  (folder / EAGLE_CONFIG).write_text(json.dumps(
+      {"draft": "eagle", "target_model": dataclasses.asdict(target_cfg)}, indent=2))
+
+
+def read_eagle_folder(folder) -> tuple[Any, dict]:
+  """(target ModelConfig, head parameters as a nested dict) from `write_eagle_folder`."""
+  import pathlib
+
+  from safetensors.numpy import load_file
+
+  from m2.model.config import ModelConfig
+
+  folder = pathlib.Path(folder)
+  for name in (EAGLE_WEIGHTS, EAGLE_CONFIG):
+    if not (folder / name).exists():
+      raise FileNotFoundError(f"{folder} is not an EAGLE head folder: {name} is missing")
+  cfg = ModelConfig(**json.loads((folder / EAGLE_CONFIG).read_text())["target_model"])
+  params: dict = {}
+  for path, value in load_file(str(folder / EAGLE_WEIGHTS)).items():
+    *parents, leaf = path.split("/")
+    node = params
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return cfg, params
+
+
+def eagle_drafter(target_cfg, head_params):
+  """(EagleDrafter, its nnx.State) from the head's nested dict of arrays."""
+  from flax import nnx
+
+  from m2.sampling.eagle import EagleDrafter, EagleHead
+
+  module = nnx.eval_shape(lambda: EagleHead(target_cfg, rngs=nnx.Rngs(0)))
+  state = nnx.state(module)
+  nnx.replace_by_pure_dict(state, head_params)
+  return EagleDrafter(module), state
+
+
+def speculative_stats(target_cfg, target_params, drafter, draft_state, prompts,
                       new_tokens: int, k: int = 4) -> dict:
-  """Mean tokens per round (acceptance length) and wall speed-up with m2's sampler, greedy."""
+  """Mean tokens per round (acceptance length) and wall speed-up with m2's sampler, greedy.
+
+  drafter, draft_state: a `Drafter` and its parameters (`model_drafter`, `eagle_drafter`).
+  """
   from flax import nnx
 
   from m2.sampling.sampler import Sampler, SamplingParams
-  from m2.sampling.speculative import ModelDrafter, SpeculativeSampler
+  from m2.sampling.speculative import SpeculativeSampler
 
   target = m2_model(target_cfg, target_params)
-  draft = m2_model(draft_cfg, draft_params)
   sp = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
   plain = Sampler(target)
-  spec = SpeculativeSampler(target, ModelDrafter(draft), num_draft_tokens=k)
-  tp, dp = nnx.state(target), nnx.state(draft)
+  spec = SpeculativeSampler(target, drafter, num_draft_tokens=k)
+  tp, dp = nnx.state(target), draft_state
 
   def timed(fn):
     fn()                        # compile
@@ -191,6 +383,16 @@ def speculative_stats(target_cfg, target_params, draft_cfg, draft_params, prompt
           "acceptance_rate": float(np.mean(accepted)),
           "speedup": plain_s / spec_s, "plain_s": plain_s, "speculative_s": spec_s,
           "identical_to_plain_greedy": bool(same), "prompts": len(prompts)}
+
+
+def model_drafter(draft_cfg, draft_params):
+  """(ModelDrafter, its nnx.State) for a small Transformer draft."""
+  from flax import nnx
+
+  from m2.sampling.speculative import ModelDrafter
+
+  draft = m2_model(draft_cfg, draft_params)
+  return ModelDrafter(draft), nnx.state(draft)
 
 
 def assisted_generation_stats(target_dir, draft_dir, prompts, new_tokens: int) -> dict:
@@ -243,13 +445,20 @@ def draft_folder(target_cfg, target_params, tokenizer, out: str, cfg: DraftConfi
   from export import to_hf
 
   with to_hf.atomic_dir(out, overwrite) as tmp:
-    dcfg, dparams, report = distill(target_cfg, target_params, tokenizer, train_dir, cfg,
-                                    data_dir=data_dir)
-    to_hf.write_hf_folder(dcfg, dparams, tmp, tokenizer)
+    if cfg.kind == "eagle":
+      dparams, report = distill_eagle(target_cfg, target_params, tokenizer, train_dir, cfg,
+                                      data_dir=data_dir)
+      write_eagle_folder(target_cfg, dparams, tmp)
+      drafter = eagle_drafter(target_cfg, dparams)
+    else:
+      dcfg, dparams, report = distill(target_cfg, target_params, tokenizer, train_dir, cfg,
+                                      data_dir=data_dir)
+      to_hf.write_hf_folder(dcfg, dparams, tmp, tokenizer)
+      drafter = model_drafter(dcfg, dparams)
     held = medical_prompts(tokenizer, "test1", eval_prompts, cfg.prompt_len, cfg.seed + 1,
                            data_dir)
-    report["m2_speculative"] = speculative_stats(target_cfg, target_params, dcfg, dparams,
-                                                 held, eval_tokens, k)
+    report["m2_speculative"] = speculative_stats(target_cfg, target_params, *drafter, held,
+                                                 eval_tokens, k)
     (tmp / "draft_report.json").write_text(json.dumps(report, indent=2))
   return report
 
@@ -261,6 +470,9 @@ def main(argv=None):
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", required=True)
   p.add_argument("--stage", default=None)
+  p.add_argument("--kind", default="model", choices=KINDS,
+                 help="model: a small Transformer (exported as an HF folder); eagle: an "
+                      "EAGLE head over the target's features (m2 weights only)")
   p.add_argument("--layers", type=int, default=1)
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--prompts", type=int, default=256)
@@ -270,9 +482,9 @@ def main(argv=None):
   p.add_argument("--overwrite", action="store_true")
   a = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO)
-  cfg = DraftConfig(layers=a.layers, steps=a.steps, prompts=a.prompts)
+  cfg = DraftConfig(kind=a.kind, layers=a.layers, steps=a.steps, prompts=a.prompts)
   report = build_draft(a.workdir, a.out, cfg, stage=a.stage, overwrite=a.overwrite, k=a.k)
-  if a.target_hf:
+  if a.target_hf and cfg.kind == "model":
     from export import to_hf
     _, _, meta, _ = to_hf.read_checkpoint(to_hf.find_stage_dir(a.workdir, a.stage))
     tok = to_hf.load_run_tokenizer(meta)

@@ -80,7 +80,8 @@ class TrainResult:
 def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, dataset,
           workdir: str, *, loss_fn=lm_loss, init_params: nnx.State | None = None,
           meta: dict | None = None, eval_dataset=None,
-          on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, dict], None] | None = None,
+          make_model: Callable[[], nnx.Module] | None = None) -> TrainResult:
   """Trains from `dataset` (a grain IterDataset of numpy batches) in `workdir`.
 
   On several hosts, each process's `dataset` yields its own
@@ -88,6 +89,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, datase
 
   `init_params` seeds a fresh run (e.g. the previous stage's weights or an HF
   import); a run with checkpoints in `workdir` always resumes from them.
+  `make_model` builds another module to train than `Transformer(model_cfg)`
+  (e.g. an EAGLE draft head; `loss_fn` then takes that module).
 
   With `eval_dataset` (batches like `dataset`'s, never trained on) and
   `cfg.eval_every`, the token-weighted `loss_fn` over its first
@@ -103,7 +106,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, datase
                      f"data-parallel size {data_parallel} of mesh {dict(mesh.shape)}")
   tx = make_optimizer(cfg.optimizer)
   lr_schedule = schedule(cfg.optimizer)
-  make_model = lambda: Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed))  # noqa: E731
+  make_model = make_model or (lambda: Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed)))
   meta = {"model": dataclasses.asdict(model_cfg), **(meta or {})}
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
                       async_save=cfg.async_checkpoints)
