@@ -15,6 +15,15 @@ r"""A small draft model for speculative decoding, distilled from the target.
    `SpeculativeSampler` and the wall-clock speed-up over plain decoding, and
    the same speed-up for transformers' assisted generation
    (`generate(..., assistant_model=draft)`) on CPU.
+
+`--kind=eagle` trains an EAGLE head instead (`m2.sampling.eagle`; Li et al. 2024):
+one layer over (the target's feature at t-1, the token at t), regressing the
+target's feature at t (smooth L1) plus `eagle_cls_weight` x the cross entropy
+of the target's token through the target's LM head, on the same samples and
+the target's features. The folder holds `eagle_head.safetensors` (m2 parameter
+paths; no embedding or LM head: it reads the target's) and the target's
+config; `read_eagle_folder` + `eagle_drafter` load it for `SpeculativeSampler`.
+vLLM / SGLang EAGLE checkpoints are not written yet.
 """
 
 from __future__ import annotations
@@ -346,10 +355,12 @@ def eagle_drafter(target_cfg, head_params):
 
 
 def speculative_stats(target_cfg, target_params, drafter, draft_state, prompts,
-                      new_tokens: int, k: int = 4) -> dict:
-  """Mean tokens per round (acceptance length) and wall speed-up with m2's sampler, greedy.
+                      new_tokens: int, k: int = 4, temperature: float = 0.0) -> dict:
+  """Mean tokens per round (acceptance length) and wall speed-up with m2's sampler.
 
   drafter, draft_state: a `Drafter` and its parameters (`model_drafter`, `eagle_drafter`).
+  Greedy by default; with a temperature, rows are sampled (seeded per prompt) and the
+  output is checked against plain decoding only in distribution (tests/sampling).
   """
   from flax import nnx
 
@@ -357,7 +368,6 @@ def speculative_stats(target_cfg, target_params, drafter, draft_state, prompts,
   from m2.sampling.speculative import SpeculativeSampler
 
   target = m2_model(target_cfg, target_params)
-  sp = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
   plain = Sampler(target)
   spec = SpeculativeSampler(target, drafter, num_draft_tokens=k)
   tp, dp = nnx.state(target), draft_state
@@ -371,7 +381,8 @@ def speculative_stats(target_cfg, target_params, drafter, draft_state, prompts,
   rounds, accepted = [], []
   plain_s = spec_s = 0.0
   same = True
-  for p in prompts:             # batch 1: single-user decoding, as on a 24 GB GPU
+  for i, p in enumerate(prompts):  # batch 1: single-user decoding, as on a 24 GB GPU
+    sp = SamplingParams(temperature=temperature, max_new_tokens=new_tokens, seed=i)
     base, t0 = timed(lambda: plain.generate(tp, [p], sp))
     out, t1 = timed(lambda: spec.generate(tp, [p], sp, draft_params=dp))
     same &= out.token_lists() == base.token_lists()
@@ -382,7 +393,8 @@ def speculative_stats(target_cfg, target_params, drafter, draft_state, prompts,
   return {"k": k, "tokens_per_round": float(np.mean(rounds)),
           "acceptance_rate": float(np.mean(accepted)),
           "speedup": plain_s / spec_s, "plain_s": plain_s, "speculative_s": spec_s,
-          "identical_to_plain_greedy": bool(same), "prompts": len(prompts)}
+          "identical_to_plain_greedy": bool(same) if temperature == 0 else None,
+          "temperature": temperature, "prompts": len(prompts)}
 
 
 def model_drafter(draft_cfg, draft_params):

@@ -6,5 +6,5 @@ from m2.sampling.sampler import (FINISH_LENGTH, FINISH_STOP, Sampler, SamplerOut
 from m2.sampling.speculative import Drafter, ModelDrafter, SpeculativeSampler
 from m2.sampling.eagle import EagleDrafter, EagleHead
 
-__all__ = ["Drafter", "EagleDrafter", "EagleHead", "FINISH_LENGTH", "FINISH_STOP", "ModelDrafter", "Sampler", "SamplerOutput",
-           "SamplerState", "SamplingParams", "SpeculativeSampler"]
+__all__ = ["Drafter", "EagleDrafter", "EagleHead", "FINISH_LENGTH", "FINISH_STOP", "ModelDrafter",
+           "Sampler", "SamplerOutput", "SamplerState", "SamplingParams", "SpeculativeSampler"]

@@ -108,9 +108,8 @@ class EagleDrafter(Drafter):
     cache = LayerCache.init(self.cfg.replace(num_layers=1), batch, cache_length)
     return EagleState(cache, jnp.zeros((batch, self.cfg.embed_dim), self.cfg.compute_dtype))
 
-  def _write(self, ctx: _Context, state: EagleState, tokens, positions, segments, features):
+  def _write(self, ctx: _Context, cache: LayerCache, tokens, positions, segments, features):
     """Runs the head on a chunk written at the cache index; returns (predictions, cache)."""
-    cache = state.cache
     cache_segments = jax.lax.dynamic_update_slice(cache.segments, segments.astype(jnp.int32),
                                                   (0, cache.index))
     embeds = jnp.take(ctx.embed, tokens, axis=0)
@@ -121,7 +120,7 @@ class EagleDrafter(Drafter):
 
   def prefill(self, ctx, state, tokens, positions, segments, hidden):
     features = shift_features(hidden, segments, state.feature)
-    _, cache = self._write(ctx, state, tokens, positions, segments, features)
+    _, cache = self._write(ctx, state.cache, tokens, positions, segments, features)
     last_real = segments[:, -1] != 0
     return EagleState(cache, jnp.where(last_real[:, None], hidden[:, -1], state.feature))
 
@@ -131,8 +130,8 @@ class EagleDrafter(Drafter):
 
     def step(i, carry):
       cache, tok, feat, drafts, logq = carry
-      pred, cache = self._write(ctx, EagleState(cache, feat), tok[:, None], (position + i)[:, None],
-                                seg, feat[:, None])
+      pred, cache = self._write(ctx, cache, tok[:, None], (position + i)[:, None], seg,
+                                feat[:, None])
       d, lq = sample(head.logits(pred[:, 0], ctx.out, ctx.out_axes), i)
       return cache, d, pred[:, 0], drafts.at[:, i].set(d), logq.at[:, i].set(lq)
 
@@ -146,7 +145,7 @@ class EagleDrafter(Drafter):
     active = kept > 0
     chunk_segments = jnp.broadcast_to(active.astype(jnp.int32)[:, None], tokens.shape)
     features = jnp.concatenate([state.feature[:, None], hidden[:, :-1]], axis=1)
-    _, cache = self._write(ctx, state, tokens, positions, chunk_segments, features)
+    _, cache = self._write(ctx, state.cache, tokens, positions, chunk_segments, features)
     last = jnp.take_along_axis(hidden, jnp.maximum(kept - 1, 0)[:, None, None], axis=1)[:, 0]
     return EagleState(cache.replace(segments=segments, index=index),
                       jnp.where(active[:, None], last, state.feature))
