@@ -86,3 +86,18 @@ def test_an_eagle_head_for_another_shape_is_refused_before_compiling(target, eag
   with pytest.raises(ValueError, match="draft_params do not fit"):
     spec.generate(nnx.state(target), PROMPTS, GREEDY, draft_params=other)
   assert spec.num_compiles == 0
+
+
+def test_sharded_on_a_2x2x2_mesh_gives_the_single_device_output(target, eagle):
+  from m2 import parallel
+  drafter, head_params = eagle
+  params = nnx.state(target)
+  sampled = SamplingParams(temperature=1.0, max_new_tokens=10, seed=3)
+  single = SpeculativeSampler(target, drafter, num_draft_tokens=K).generate(
+      params, PROMPTS, sampled, draft_params=head_params)
+  out = SpeculativeSampler(target, drafter, num_draft_tokens=K,
+                           mesh=parallel.make_mesh((2, 2, 2))).generate(
+      params, PROMPTS, sampled, draft_params=head_params)
+  np.testing.assert_array_equal(out.tokens, single.tokens)
+  np.testing.assert_allclose(out.logprobs, single.logprobs, atol=1e-5)
+  assert len(out.state.draft.cache.k[0].sharding.device_set) == 8
