@@ -24,7 +24,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-from aqt.jax.v2 import aqt_quantizer, tiled_dot_general
 
 _SPEC = re.compile(r"^(?P<aqt>aqt:)?int(?P<bits>4|8)(?P<asym>_asym)?(?:_g(?P<group>\d+))?$")
 
@@ -140,6 +139,8 @@ def aqt_fake_quant(w, in_axes: int, scheme: QuantScheme):
 
 
 def _aqt_tiling(shape, group):
+  # Imported here: the model runs without aqtp unless an "aqt:" scheme is asked for.
+  from aqt.jax.v2 import tiled_dot_general
   # Groups along the input axis are AQT tiles: calibration shares a scale within a tile.
   state = tiled_dot_general.TilingState(untiled_shape=tuple(shape))
   state.tile_one_axis(tiled_dot_general.AxisTiling(axis=0, tile_size=group,
@@ -148,6 +149,7 @@ def _aqt_tiling(shape, group):
 
 
 def _aqt_qdq_fwd(w2, bits, group):
+  from aqt.jax.v2 import aqt_quantizer
   quantizer = aqt_quantizer.quantizer_make(bits, preserve_max_val=True)
   qt = quantizer.calibrate(w2, calibration_axes=[0], tiling_state=_aqt_tiling(w2.shape, group))
   qt = qt.replace(scale=[round_to_bf16(s) for s in qt.scale])
