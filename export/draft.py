@@ -47,6 +47,7 @@ class DraftConfig:
   prompts: int = 256          # distillation prompts
   prompt_len: int = 32
   new_tokens: int = 96        # target tokens per prompt
+  temperature: float = 0.0    # of the target's samples (0: greedy)
   steps: int = 200
   batch_size: int = 16
   learning_rate: float = 2e-3
@@ -56,6 +57,8 @@ class DraftConfig:
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"DraftConfig.kind: one of {KINDS} (got {self.kind!r})")
+    if not self.temperature >= 0:
+      raise ValueError(f"DraftConfig.temperature: must be >= 0 (got {self.temperature!r})")
     for f in ("layers", "prompts", "prompt_len", "new_tokens", "steps", "batch_size"):
       if not (isinstance(getattr(self, f), int) and getattr(self, f) > 0):
         raise ValueError(f"DraftConfig.{f}: must be a positive int (got {getattr(self, f)!r})")
@@ -95,12 +98,14 @@ def medical_prompts(tokenizer, split: str, n: int, length: int, seed: int = 0,
   raise ValueError(f"only {len(prompts)} {split} documents have {length} tokens; {n} needed")
 
 
-def target_samples(model, params, prompts, new_tokens: int, batch: int = 64) -> np.ndarray:
-  """[n, prompt + new] greedy continuations of `prompts` by the target (no stop tokens)."""
+def target_samples(model, params, prompts, new_tokens: int, batch: int = 64,
+                   temperature: float = 0.0, seed: int = 0) -> np.ndarray:
+  """[n, prompt + new] continuations of `prompts` by the target (no stop tokens),
+  greedy or sampled at `temperature`."""
   from m2.sampling.sampler import Sampler, SamplingParams
 
-  sampler = Sampler(model)
-  sp = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+  sampler = Sampler(model, seed=seed)
+  sp = SamplingParams(temperature=temperature, max_new_tokens=new_tokens)
   rows = []
   for i in range(0, len(prompts), batch):
     chunk = prompts[i:i + batch]
@@ -138,6 +143,25 @@ def m2_model(cfg, params):
   return model
 
 
+def _distillation_samples(target, tokenizer, cfg: DraftConfig, data_dir):
+  from flax import nnx
+  prompts = medical_prompts(tokenizer, "train", cfg.prompts, cfg.prompt_len, cfg.seed, data_dir)
+  return target_samples(target, nnx.state(target), prompts, cfg.new_tokens,
+                        temperature=cfg.temperature, seed=cfg.seed)
+
+
+def _train_config(cfg: DraftConfig, seq_len: int):
+  """m2 train-loop settings of a distillation run (no weight decay: see _eagle_trainer)."""
+  from m2.train.loop import TrainConfig
+  from m2.train.optimizer import OptimizerConfig
+  return TrainConfig(
+      steps=cfg.steps, batch_size=cfg.batch_size, seq_len=seq_len,
+      log_every=max(1, cfg.steps // 5), save_every=cfg.steps, keep_checkpoints=1,
+      seed=cfg.seed, optimizer=OptimizerConfig(
+          learning_rate=cfg.learning_rate, warmup_steps=max(1, cfg.steps // 10),
+          decay_steps=max(1, cfg.steps - cfg.steps // 10), weight_decay=0.0))
+
+
 def distill(target_cfg, target_params, tokenizer, workdir: str, cfg: DraftConfig, *,
             data_dir: str | None = None):
   """Trains the draft in `workdir` (resumable, m2's train loop). Returns (cfg, params, report)."""
@@ -145,26 +169,18 @@ def distill(target_cfg, target_params, tokenizer, workdir: str, cfg: DraftConfig
   from flax import nnx
 
   from m2.model.transformer import Transformer
-  from m2.train.loop import MeshConfig, TrainConfig, train
-  from m2.train.optimizer import OptimizerConfig
+  from m2.train.loop import MeshConfig, train
 
   target = m2_model(target_cfg, target_params)
-  prompts = medical_prompts(tokenizer, "train", cfg.prompts, cfg.prompt_len, cfg.seed, data_dir)
   start = time.time()
-  samples, prompt_len = target_samples(target, nnx.state(target), prompts, cfg.new_tokens)
+  samples, prompt_len = _distillation_samples(target, tokenizer, cfg, data_dir)
   sample_s = time.time() - start
   dcfg = draft_config(target_cfg, cfg.layers)
   init = init_draft_params(target_params, cfg.layers)
   init_state = nnx.state(nnx.eval_shape(lambda: Transformer(dcfg, rngs=nnx.Rngs(0))), nnx.Param)
   nnx.replace_by_pure_dict(init_state, jax.tree.map(np.asarray, init))
-  train_cfg = TrainConfig(
-      steps=cfg.steps, batch_size=cfg.batch_size, seq_len=samples.shape[1] - 1,
-      log_every=max(1, cfg.steps // 5), save_every=cfg.steps, keep_checkpoints=1,
-      seed=cfg.seed, optimizer=OptimizerConfig(
-          learning_rate=cfg.learning_rate, warmup_steps=max(1, cfg.steps // 10),
-          decay_steps=max(1, cfg.steps - cfg.steps // 10), weight_decay=0.0))
-  result = train(dcfg, train_cfg, MeshConfig(), distillation_dataset(samples, prompt_len,
-                                                                    cfg.batch_size, cfg.seed),
+  result = train(dcfg, _train_config(cfg, samples.shape[1] - 1), MeshConfig(),
+                 distillation_dataset(samples, prompt_len, cfg.batch_size, cfg.seed),
                  workdir, init_params=init_state, meta={"stage": "draft"})
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(result.state.params))
   report = {"samples": int(samples.shape[0]), "sample_s": sample_s,
@@ -262,13 +278,11 @@ def distill_eagle(target_cfg, target_params, tokenizer, workdir: str, cfg: Draft
   import jax
   from flax import nnx
 
-  from m2.train.loop import MeshConfig, TrainConfig, train
-  from m2.train.optimizer import OptimizerConfig
+  from m2.train.loop import MeshConfig, train
 
   target = m2_model(target_cfg, target_params)
-  prompts = medical_prompts(tokenizer, "train", cfg.prompts, cfg.prompt_len, cfg.seed, data_dir)
   start = time.time()
-  samples, prompt_len = target_samples(target, nnx.state(target), prompts, cfg.new_tokens)
+  samples, prompt_len = _distillation_samples(target, tokenizer, cfg, data_dir)
   features = target_features(target, samples)
   sample_s = time.time() - start
   trainer = _eagle_trainer(target_cfg)
@@ -276,13 +290,7 @@ def distill_eagle(target_cfg, target_params, tokenizer, workdir: str, cfg: Draft
   init = nnx.state(make(), nnx.Param)
   shared = {k: np.asarray(target_params[k]) for k in ("embed", "lm_head") if k in target_params}
   nnx.replace_by_pure_dict(init, {"head": nnx.to_pure_dict(init)["head"], **shared})
-  train_cfg = TrainConfig(
-      steps=cfg.steps, batch_size=cfg.batch_size, seq_len=samples.shape[1] - 1,
-      log_every=max(1, cfg.steps // 5), save_every=cfg.steps, keep_checkpoints=1,
-      seed=cfg.seed, optimizer=OptimizerConfig(
-          learning_rate=cfg.learning_rate, warmup_steps=max(1, cfg.steps // 10),
-          decay_steps=max(1, cfg.steps - cfg.steps // 10), weight_decay=0.0))
-  result = train(target_cfg, train_cfg, MeshConfig(),
+  result = train(target_cfg, _train_config(cfg, samples.shape[1] - 1), MeshConfig(),
                  eagle_dataset(samples, features, prompt_len, cfg.batch_size, cfg.seed),
                  workdir, init_params=init, meta={"stage": "eagle_draft"}, make_model=make,
                  loss_fn=functools.partial(eagle_loss, cls_weight=cfg.eagle_cls_weight))
@@ -300,21 +308,13 @@ def write_eagle_folder(target_cfg, head_params: dict, folder) -> None:
   target's model config. It has no embedding or LM head: it uses the target's."""
   import pathlib
 
+  from flax import traverse_util
   from safetensors.numpy import save_file
 
-  flat = {}
-
-  def visit(prefix, node):
-    for key, value in node.items():
-      path = f"{prefix}{key}"
-      if isinstance(value, dict):
-        visit(path + "/", value)
-      else:
-        flat[path] = np.ascontiguousarray(np.asarray(value))
-
-  visit("", head_params)
+  flat = traverse_util.flatten_dict(head_params, sep="/")
   folder = pathlib.Path(folder)
-  save_file(flat, str(folder / EAGLE_WEIGHTS))
+  save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()},
+            str(folder / EAGLE_WEIGHTS))
   (folder / EAGLE_CONFIG).write_text(json.dumps(
       {"draft": "eagle", "target_model": dataclasses.asdict(target_cfg)}, indent=2))
 
@@ -323,6 +323,7 @@ def read_eagle_folder(folder) -> tuple[Any, dict]:
   """(target ModelConfig, head parameters as a nested dict) from `write_eagle_folder`."""
   import pathlib
 
+  from flax import traverse_util
   from safetensors.numpy import load_file
 
   from m2.model.config import ModelConfig
@@ -332,13 +333,7 @@ def read_eagle_folder(folder) -> tuple[Any, dict]:
     if not (folder / name).exists():
       raise FileNotFoundError(f"{folder} is not an EAGLE head folder: {name} is missing")
   cfg = ModelConfig(**json.loads((folder / EAGLE_CONFIG).read_text())["target_model"])
-  params: dict = {}
-  for path, value in load_file(str(folder / EAGLE_WEIGHTS)).items():
-    *parents, leaf = path.split("/")
-    node = params
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
+  params = traverse_util.unflatten_dict(load_file(str(folder / EAGLE_WEIGHTS)), sep="/")
   return cfg, params
 
 
@@ -489,12 +484,15 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--prompts", type=int, default=256)
   p.add_argument("--k", type=int, default=4)
+  p.add_argument("--temperature", type=float, default=0.0,
+                 help="sample the target's distillation text at this temperature (0: greedy)")
   p.add_argument("--target_hf", default=None,
                  help="the target's HF export, to also time transformers assisted generation")
   p.add_argument("--overwrite", action="store_true")
   a = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO)
-  cfg = DraftConfig(kind=a.kind, layers=a.layers, steps=a.steps, prompts=a.prompts)
+  cfg = DraftConfig(kind=a.kind, layers=a.layers, steps=a.steps, prompts=a.prompts,
+                    temperature=a.temperature)
   report = build_draft(a.workdir, a.out, cfg, stage=a.stage, overwrite=a.overwrite, k=a.k)
   if a.target_hf and cfg.kind == "model":
     from export import to_hf
