@@ -271,8 +271,20 @@ def eagle_loss(model, batch, cls_weight: float):
 
 def distill_eagle(target_cfg, target_params, tokenizer, workdir: str, cfg: DraftConfig, *,
                   data_dir: str | None = None):
-  """Trains an EAGLE head in `workdir` on the target's samples and features (m2's
-  train loop, resumable). Returns (params of the EagleHead, report)."""
+  """Trains an EAGLE head in `workdir` on the target's samples of medical prompts
+  (m2's train loop, resumable). Returns (params of the EagleHead, report)."""
+  target = m2_model(target_cfg, target_params)
+  start = time.time()
+  samples, prompt_len = _distillation_samples(target, tokenizer, cfg, data_dir)
+  sample_s = time.time() - start
+  params, report = train_eagle_head(target, samples, prompt_len, workdir, cfg)
+  return params, {**report, "sample_s": sample_s}
+
+
+def train_eagle_head(target, samples: np.ndarray, prompt_len: int, workdir: str,
+                     cfg: DraftConfig):
+  """Trains an EAGLE head for the Transformer `target` on its own `samples`
+  ([n, W] token ids; the loss from `prompt_len` on) and their features."""
   import functools
 
   import jax
@@ -280,24 +292,22 @@ def distill_eagle(target_cfg, target_params, tokenizer, workdir: str, cfg: Draft
 
   from m2.train.loop import MeshConfig, train
 
-  target = m2_model(target_cfg, target_params)
-  start = time.time()
-  samples, prompt_len = _distillation_samples(target, tokenizer, cfg, data_dir)
   features = target_features(target, samples)
-  sample_s = time.time() - start
-  trainer = _eagle_trainer(target_cfg)
+  trainer = _eagle_trainer(target.cfg)
   make = lambda: trainer(nnx.Rngs(cfg.seed))  # noqa: E731
   init = nnx.state(make(), nnx.Param)
-  shared = {k: np.asarray(target_params[k]) for k in ("embed", "lm_head") if k in target_params}
-  nnx.replace_by_pure_dict(init, {"head": nnx.to_pure_dict(init)["head"], **shared})
-  result = train(target_cfg, _train_config(cfg, samples.shape[1] - 1), MeshConfig(),
+  shared = {"embed": target.embed[...]}
+  if not target.cfg.tie_embeddings:
+    shared["lm_head"] = target.lm_head[...]
+  nnx.replace_by_pure_dict(init, {"head": nnx.to_pure_dict(init)["head"],
+                                  **jax.tree.map(np.asarray, shared)})
+  result = train(target.cfg, _train_config(cfg, samples.shape[1] - 1), MeshConfig(),
                  eagle_dataset(samples, features, prompt_len, cfg.batch_size, cfg.seed),
                  workdir, init_params=init, meta={"stage": "eagle_draft"}, make_model=make,
                  loss_fn=functools.partial(eagle_loss, cls_weight=cfg.eagle_cls_weight))
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(result.state.params)["head"])
-  report = {"kind": "eagle", "samples": int(samples.shape[0]), "sample_s": sample_s,
-            "train_s": result.wall_s, "final": result.final_metrics}
-  return params, report
+  return params, {"kind": "eagle", "samples": int(samples.shape[0]),
+                  "train_s": result.wall_s, "final": result.final_metrics}
 
 
 EAGLE_WEIGHTS, EAGLE_CONFIG = "eagle_head.safetensors", "eagle_config.json"

@@ -14,8 +14,11 @@ One run, three parts:
      steps on the same shipped corpus (MTS-Dialog + ACI-Bench
      training dialogues, de-identified, byte tokenizer; `m2.data.pipelines.
      lm_dataset` + `m2.train.loop.train`), so that the draft agrees with the
-     target often. Prompts are 32-byte windows of the corpus. Reports the
-     speed-up, the acceptance rate and tokens per round, and checks that the
+     target often; and an EAGLE head (`m2.sampling.eagle`, one layer of the
+     target's width over its features) distilled from the target's own samples
+     at temperature 1 (`export.draft.train_eagle_head`; `--skip_eagle` leaves
+     it out). Prompts are 32-byte windows of the corpus. Reports each drafter's
+     speed-up, acceptance rate and tokens per round, and checks that the
      speculative output equals the plain greedy output.
   3. Multi-turn continuation: a second turn appended to the cached
      conversation vs the same turn recomputed from the whole history.
@@ -66,6 +69,7 @@ def parse_args(argv=None):
   p.add_argument("--draft_dim", type=int, default=128, help="draft d_model (1 layer)")
   p.add_argument("--num_draft", type=int, default=4, help="k, draft tokens per round")
   p.add_argument("--spec_batches", default="1,16", help="batch sizes of part 2")
+  p.add_argument("--skip_eagle", action="store_true", help="part 2 without the EAGLE head")
   p.add_argument("--xla_cpu_flags", default="", help="appended to XLA_FLAGS on CPU")
   p.add_argument("--seed", type=int, default=0)
   return p.parse_args(argv)
@@ -274,12 +278,43 @@ def train_pair(args):
   return tok, texts, models["target"], models["draft"]
 
 
-def part2(args, tok, texts, target, draft, rows: list, result: dict):
+def train_eagle(args, tok, texts, target):
+  """An EAGLE head distilled from the target's own samples (temperature 1) of corpus
+  windows (`export.draft.train_eagle_head`); cached in workdir."""
+  from export import draft as D
+  from m2.sampling.eagle import EagleDrafter, EagleHead
+
+  cfg = D.DraftConfig(kind="eagle", prompts=256, prompt_len=args.prompt_len, new_tokens=96,
+                      temperature=1.0, steps=args.train_steps * 2, seed=args.seed)
+  workdir = os.path.join(args.workdir, f"eagle_t1_s{cfg.steps}_from_target_s{args.train_steps}"
+                                       f"_seed{args.seed}")
+  rng = np.random.default_rng(args.seed + 3)
+  docs = [tok.encode(t) for t in texts if len(t.encode()) > 4 * args.prompt_len]
+  prompts = []
+  for d in rng.choice(len(docs), cfg.prompts, replace=False):
+    start = int(rng.integers(0, len(docs[d]) - args.prompt_len))
+    prompts.append(docs[d][start:start + args.prompt_len])
+  t0 = time.perf_counter()
+  samples, prompt_len = D.target_samples(target, nnx.state(target), prompts, cfg.new_tokens,
+                                         temperature=cfg.temperature, seed=cfg.seed)
+  params, report = D.train_eagle_head(target, samples, prompt_len, workdir, cfg)
+  print(f"eagle head: 1 layer, d {target.cfg.embed_dim}, on the target's features; "
+        f"{cfg.prompts} samples at T=1 + {cfg.steps} steps in {time.perf_counter() - t0:.0f} s; "
+        f"final token NLL {report['final'].get('token_nll', float('nan')):.3f} ({workdir})")
+  head = nnx.eval_shape(lambda: EagleHead(target.cfg, rngs=nnx.Rngs(0)))
+  state = nnx.state(head)
+  nnx.replace_by_pure_dict(state, params)
+  return EagleDrafter(head), state
+
+
+def part2(args, tok, texts, target, drafters: dict, rows: list, result: dict):
+  """drafters: name -> (Drafter, its params); each races plain decoding."""
   k = args.num_draft
   greedy = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens)
   plain = Sampler(target)
-  spec = SpeculativeSampler(target, ModelDrafter(draft), num_draft_tokens=k)
-  tp, dp = nnx.state(target), nnx.state(draft)
+  specs = {name: (SpeculativeSampler(target, d, num_draft_tokens=k), p)
+           for name, (d, p) in drafters.items()}
+  tp = nnx.state(target)
   rng = np.random.default_rng(args.seed + 1)
   docs = [t for t in texts if len(t.encode()) > 4 * args.prompt_len]
   for batch in map(int, args.spec_batches.split(",")):
@@ -289,29 +324,34 @@ def part2(args, tok, texts, target, draft, rows: list, result: dict):
       start = int(rng.integers(0, len(ids) - args.prompt_len))
       prompts.append(ids[start:start + args.prompt_len])
     ref = plain.generate(tp, prompts, greedy)
-    out = spec.generate(tp, prompts, greedy, draft_params=dp)
-    same = bool((ref.tokens == out.tokens).all())
-    times = timed_rounds({
-        "plain": lambda: plain.generate(tp, prompts, greedy),  # noqa: B023
-        "speculative": lambda: spec.generate(tp, prompts, greedy, draft_params=dp),  # noqa: B023
-    }, args.repeats)
-    med = {name: statistics.median(v) for name, v in times.items()}
-    speedup = med["plain"] / med["speculative"]
-    st = out.stats
-    print(f"batch {batch}: plain {med['plain'] * 1e3:.0f} ms, speculative (k={k}) "
-          f"{med['speculative'] * 1e3:.0f} ms: {speedup:.2f}x; acceptance "
-          f"{st['acceptance_rate']:.1%}, {st['tokens_per_round']:.2f} tokens/round, "
-          f"{st['rounds']} rounds, {st['compactions']} compactions; identical to plain "
-          f"greedy: {same}")
-    if batch == 1:
-      print(f"  sample: {tok.decode(prompts[0])!r} -> {tok.decode(out.token_lists()[0])!r}")
+    outs = {name: spec.generate(tp, prompts, greedy, draft_params=p)
+            for name, (spec, p) in specs.items()}
+    contenders = {"plain": lambda: plain.generate(tp, prompts, greedy)}  # noqa: B023
+    for name, (spec, p) in specs.items():
+      contenders[name] = (lambda spec=spec, p=p:  # noqa: B023
+                          spec.generate(tp, prompts, greedy, draft_params=p))
+    med = {name: statistics.median(v) for name, v in timed_rounds(contenders,
+                                                                  args.repeats).items()}
     n = batch * args.new_tokens
     rows.append((f"trained b{batch}", "m2 plain", n / med["plain"], None))
-    rows.append((f"trained b{batch}", f"m2 speculative k={k}", n / med["speculative"], speedup))
-    result[f"spec_speedup_b{batch}"] = round(speedup, 3)
-    result[f"spec_acceptance_b{batch}"] = round(st["acceptance_rate"], 4)
-    result[f"spec_tokens_per_round_b{batch}"] = round(st["tokens_per_round"], 3)
-    result[f"spec_identical_b{batch}"] = same
+    print(f"batch {batch}: plain {med['plain'] * 1e3:.0f} ms")
+    for name, out in outs.items():
+      same = bool((ref.tokens == out.tokens).all())
+      speedup = med["plain"] / med[name]
+      st = out.stats
+      print(f"  {name} (k={k}) {med[name] * 1e3:.0f} ms: {speedup:.2f}x; acceptance "
+            f"{st['acceptance_rate']:.1%}, {st['tokens_per_round']:.2f} tokens/round, "
+            f"{st['rounds']} rounds, {st['compactions']} compactions; identical to plain "
+            f"greedy: {same}")
+      rows.append((f"trained b{batch}", f"m2 {name} k={k}", n / med[name], speedup))
+      suffix = "" if name == "draft" else f"_{name}"
+      result[f"spec{suffix}_speedup_b{batch}"] = round(speedup, 3)
+      result[f"spec{suffix}_acceptance_b{batch}"] = round(st["acceptance_rate"], 4)
+      result[f"spec{suffix}_tokens_per_round_b{batch}"] = round(st["tokens_per_round"], 3)
+      result[f"spec{suffix}_identical_b{batch}"] = same
+    if batch == 1:
+      out = outs["draft"]
+      print(f"  sample: {tok.decode(prompts[0])!r} -> {tok.decode(out.token_lists()[0])!r}")
 
 
 def part3(args, tok, texts, target, rows: list, result: dict):
@@ -380,7 +420,10 @@ def main():
   if parts & {"2", "3"}:
     tok, texts, target, draft = train_pair(args)
     if "2" in parts:
-      part2(args, tok, texts, target, draft, rows, result)
+      drafters = {"draft": (ModelDrafter(draft), nnx.state(draft))}
+      if not args.skip_eagle:
+        drafters["eagle"] = train_eagle(args, tok, texts, target)
+      part2(args, tok, texts, target, drafters, rows, result)
     if "3" in parts:
       part3(args, tok, texts, target, rows, result)
 
