@@ -52,6 +52,7 @@ class DraftConfig:
   batch_size: int = 16
   learning_rate: float = 2e-3
   eagle_cls_weight: float = 0.1  # EAGLE's loss: feature regression + this x token CE
+  eagle_width: int = 0        # the EAGLE layer's width (0: the target's)
   seed: int = 0
 
   def __post_init__(self):
@@ -221,7 +222,7 @@ def eagle_dataset(samples: np.ndarray, features: np.ndarray, prompt_len: int, ba
           .batch(batch_size, drop_remainder=True).to_iter_dataset())
 
 
-def _eagle_trainer(cfg):
+def _eagle_trainer(cfg, width: int | None):
   """An EagleHead beside the target's embedding (and LM head), which it does not train:
   `eagle_loss` stops their gradients and the draft optimizer has no weight decay."""
   from flax import nnx
@@ -232,7 +233,7 @@ def _eagle_trainer(cfg):
   class EagleTrainer(nnx.Module):
 
     def __init__(self, rngs):
-      self.head = EagleHead(cfg, rngs=rngs)
+      self.head = EagleHead(cfg, rngs=rngs, width=width)
       self.embed = param(None, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"),
                          cfg.weight_dtype)
       if not cfg.tie_embeddings:
@@ -293,7 +294,7 @@ def train_eagle_head(target, samples: np.ndarray, prompt_len: int, workdir: str,
   from m2.train.loop import MeshConfig, train
 
   features = target_features(target, samples)
-  trainer = _eagle_trainer(target.cfg)
+  trainer = _eagle_trainer(target.cfg, cfg.eagle_width or None)
   make = lambda: trainer(nnx.Rngs(cfg.seed))  # noqa: E731
   init = nnx.state(make(), nnx.Param)
   shared = {"embed": target.embed[...]}
@@ -353,7 +354,8 @@ def eagle_drafter(target_cfg, head_params):
 
   from m2.sampling.eagle import EagleDrafter, EagleHead
 
-  module = nnx.eval_shape(lambda: EagleHead(target_cfg, rngs=nnx.Rngs(0)))
+  width = np.shape(head_params["fc"])[-1]  # [2, E, width]
+  module = nnx.eval_shape(lambda: EagleHead(target_cfg, rngs=nnx.Rngs(0), width=width))
   state = nnx.state(module)
   nnx.replace_by_pure_dict(state, head_params)
   return EagleDrafter(module), state
@@ -491,6 +493,8 @@ def main(argv=None):
                  help="model: a small Transformer (exported as an HF folder); eagle: an "
                       "EAGLE head over the target's features (m2 weights only)")
   p.add_argument("--layers", type=int, default=1)
+  p.add_argument("--eagle_width", type=int, default=0,
+                 help="width of the EAGLE layer (0: the target's embed_dim)")
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--prompts", type=int, default=256)
   p.add_argument("--k", type=int, default=4)
@@ -502,7 +506,7 @@ def main(argv=None):
   a = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO)
   cfg = DraftConfig(kind=a.kind, layers=a.layers, steps=a.steps, prompts=a.prompts,
-                    temperature=a.temperature)
+                    temperature=a.temperature, eagle_width=a.eagle_width)
   report = build_draft(a.workdir, a.out, cfg, stage=a.stage, overwrite=a.overwrite, k=a.k)
   if a.target_hf and cfg.kind == "model":
     from export import to_hf

@@ -15,7 +15,7 @@ One run, three parts:
      training dialogues, de-identified, byte tokenizer; `m2.data.pipelines.
      lm_dataset` + `m2.train.loop.train`), so that the draft agrees with the
      target often; and an EAGLE head (`m2.sampling.eagle`, one layer of the
-     target's width over its features) distilled from the target's own samples
+     draft's width over the target's features) distilled from the target's samples
      at temperature 1 (`export.draft.train_eagle_head`; `--skip_eagle` leaves
      it out). Prompts are 32-byte windows of the corpus. Reports each drafter's
      speed-up, acceptance rate and tokens per round, and checks that the
@@ -282,12 +282,12 @@ def train_eagle(args, tok, texts, target):
   """An EAGLE head distilled from the target's own samples (temperature 1) of corpus
   windows (`export.draft.train_eagle_head`); cached in workdir."""
   from export import draft as D
-  from m2.sampling.eagle import EagleDrafter, EagleHead
 
   cfg = D.DraftConfig(kind="eagle", prompts=256, prompt_len=args.prompt_len, new_tokens=96,
-                      temperature=1.0, steps=args.train_steps * 2, seed=args.seed)
-  workdir = os.path.join(args.workdir, f"eagle_t1_s{cfg.steps}_from_target_s{args.train_steps}"
-                                       f"_seed{args.seed}")
+                      temperature=1.0, steps=args.train_steps * 2, seed=args.seed,
+                      eagle_width=args.draft_dim)
+  workdir = os.path.join(args.workdir, f"eagle_t1_w{args.draft_dim}_s{cfg.steps}_from_target"
+                                       f"_s{args.train_steps}_seed{args.seed}")
   rng = np.random.default_rng(args.seed + 3)
   docs = [tok.encode(t) for t in texts if len(t.encode()) > 4 * args.prompt_len]
   prompts = []
@@ -298,13 +298,10 @@ def train_eagle(args, tok, texts, target):
   samples, prompt_len = D.target_samples(target, nnx.state(target), prompts, cfg.new_tokens,
                                          temperature=cfg.temperature, seed=cfg.seed)
   params, report = D.train_eagle_head(target, samples, prompt_len, workdir, cfg)
-  print(f"eagle head: 1 layer, d {target.cfg.embed_dim}, on the target's features; "
+  print(f"eagle head: 1 layer, d {args.draft_dim}, on the target's features; "
         f"{cfg.prompts} samples at T=1 + {cfg.steps} steps in {time.perf_counter() - t0:.0f} s; "
         f"final token NLL {report['final'].get('token_nll', float('nan')):.3f} ({workdir})")
-  head = nnx.eval_shape(lambda: EagleHead(target.cfg, rngs=nnx.Rngs(0)))
-  state = nnx.state(head)
-  nnx.replace_by_pure_dict(state, params)
-  return EagleDrafter(head), state
+  return D.eagle_drafter(target.cfg, params)
 
 
 def part2(args, tok, texts, target, drafters: dict, rows: list, result: dict):

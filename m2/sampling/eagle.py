@@ -6,7 +6,8 @@ feature before the token and the token, through a projection and one decoder
 layer, and predicts f_t; the target's LM head turns that into the distribution
 of x_{t+1}. Later tokens of a round feed back the head's own predicted
 features. It has no embedding table or LM head of its own: it reads the
-target's, so it adds one layer plus a [2, E, E] projection to the target.
+target's, so it adds one layer plus a [2, E, E] projection to the target (or a
+narrower layer between [2, E, W] and [W, E] projections: `width`).
 
 Its KV cache shares the target cache's slot layout. A round drafts from
 predicted features; `commit` then rewrites the round's k + 1 slots from the
@@ -31,17 +32,37 @@ from m2.sampling.speculative import Drafter
 from m2.sampling.sampler import check_param_tree
 
 
-class EagleHead(nnx.Module):
-  """fc([embed(x_t), f_{t-1}]) -> one Block -> RMSNorm: the predicted feature f_t.
+def layer_config(cfg: ModelConfig, width: int | None = None) -> ModelConfig:
+  """The head's decoder layer: the target's, or narrower (`width`, a multiple of the
+  head dim), with heads, kv heads and MLP scaled alike."""
+  e = cfg.embed_dim
+  width = width or e
+  if width % cfg.head_dim or width > e:
+    raise ValueError(f"EAGLE head width must be a multiple of head_dim={cfg.head_dim} and at "
+                     f"most embed_dim={e} (got {width})")
+  heads = width // cfg.head_dim
+  kv_heads = max(1, cfg.num_kv_heads * heads // cfg.num_heads)
+  while heads % kv_heads:
+    kv_heads -= 1
+  return cfg.replace(num_layers=1, embed_dim=width, num_heads=heads, num_kv_heads=kv_heads,
+                     mlp_dim=cfg.mlp_dim * width // e)
 
-  cfg is the target's config (the layer has the target's shapes).
+
+class EagleHead(nnx.Module):
+  """fc([embed(x_t), f_{t-1}]) -> one Block -> (projection back) -> RMSNorm: the
+  predicted feature f_t.
+
+  cfg is the target's config. The layer has the target's width, as in EAGLE, or
+  `width` (cheaper per draft token); then fc maps down to it and `up` maps back.
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, width: int | None = None):
     self.cfg = cfg
-    e = cfg.embed_dim
-    self.fc = param(rngs, (2, e, e), (None, "embed", None), cfg.weight_dtype)
-    self.block = Block(cfg, rngs=rngs)
+    self.layer_cfg = layer_config(cfg, width)
+    e, w = cfg.embed_dim, self.layer_cfg.embed_dim
+    self.fc = param(rngs, (2, e, w), (None, "embed", None), cfg.weight_dtype)
+    self.block = Block(self.layer_cfg, rngs=rngs)
+    self.up = param(rngs, (w, e), (None, "embed"), cfg.weight_dtype) if w != e else None
     self.norm = RMSNorm(e, cfg.rms_norm_eps, cfg)
 
   def __call__(self, token_embeds, features, positions, segments, kv_cache=None,
@@ -52,6 +73,8 @@ class EagleHead(nnx.Module):
     x = (jnp.einsum("bte,ef->btf", token_embeds.astype(dt), fc[0])
          + jnp.einsum("bte,ef->btf", features.astype(dt), fc[1]))
     x, kv = self.block(x, positions, segments, kv_cache, cache_segments, cache_index)
+    if self.up is not None:
+      x = jnp.einsum("btf,fe->bte", x, self.up[...].astype(dt))
     return self.norm(x), kv
 
 
@@ -90,6 +113,7 @@ class EagleDrafter(Drafter):
     if not isinstance(head_module, EagleHead):
       raise TypeError(f"EagleDrafter needs an EagleHead, got {type(head_module).__name__}")
     self.cfg: ModelConfig = head_module.cfg
+    self.layer_cfg: ModelConfig = head_module.layer_cfg
     self.vocab_size = self.cfg.vocab_size
     self.graphdef, abstract = nnx.split(head_module)
     self._abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
@@ -105,7 +129,7 @@ class EagleDrafter(Drafter):
     return _Context(nnx.merge(self.graphdef, params), target.embed[...], out, out_axes)
 
   def init(self, batch, cache_length):
-    cache = LayerCache.init(self.cfg.replace(num_layers=1), batch, cache_length)
+    cache = LayerCache.init(self.layer_cfg, batch, cache_length)
     return EagleState(cache, jnp.zeros((batch, self.cfg.embed_dim), self.cfg.compute_dtype))
 
   def _write(self, ctx: _Context, cache: LayerCache, tokens, positions, segments, features):
@@ -158,4 +182,4 @@ class EagleDrafter(Drafter):
     return state.replace(cache=cache)
 
 
-__all__ = ["EagleDrafter", "EagleHead", "EagleState", "shift_features"]
+__all__ = ["EagleDrafter", "EagleHead", "EagleState", "layer_config", "shift_features"]

@@ -22,9 +22,10 @@ def target(make_transformer):
   return make_transformer(CFG, 0)
 
 
-@pytest.fixture(scope="module")
-def eagle():
-  head = EagleHead(CFG, rngs=nnx.Rngs(1))
+@pytest.fixture(scope="module", params=[None, 16], ids=["target_width", "width16"])
+def eagle(request):
+  """A head of the target's width, and a narrower one (fc down to 16, `up` back)."""
+  head = EagleHead(CFG, rngs=nnx.Rngs(1), width=request.param)
   return EagleDrafter(head), nnx.state(head)
 
 
@@ -79,18 +80,21 @@ def test_after_a_round_the_head_cache_is_what_a_prefill_of_the_kept_text_gives(t
   np.testing.assert_allclose(state.feature, hidden[:, p + kept - 1], atol=1e-6)
 
 
-def test_an_eagle_head_for_another_shape_is_refused_before_compiling(target, eagle):
-  drafter, _ = eagle
-  spec = SpeculativeSampler(target, drafter, num_draft_tokens=K)
-  other = nnx.state(EagleHead(CFG.replace(embed_dim=16, head_dim=4), rngs=nnx.Rngs(0)))
+def test_an_eagle_head_for_another_shape_is_refused_before_compiling(target):
+  spec = SpeculativeSampler(target, EagleDrafter(EagleHead(CFG, rngs=nnx.Rngs(0))),
+                            num_draft_tokens=K)
+  other = nnx.state(EagleHead(CFG, rngs=nnx.Rngs(0), width=16))
   with pytest.raises(ValueError, match="draft_params do not fit"):
     spec.generate(nnx.state(target), PROMPTS, GREEDY, draft_params=other)
   assert spec.num_compiles == 0
+  with pytest.raises(ValueError, match="multiple of head_dim=8"):
+    EagleHead(CFG, rngs=nnx.Rngs(0), width=12)
 
 
-def test_sharded_on_a_2x2x2_mesh_gives_the_single_device_output(target, eagle):
+def test_sharded_on_a_2x2x2_mesh_gives_the_single_device_output(target):
   from m2 import parallel
-  drafter, head_params = eagle
+  head = EagleHead(CFG, rngs=nnx.Rngs(1), width=16)
+  drafter, head_params = EagleDrafter(head), nnx.state(head)
   params = nnx.state(target)
   sampled = SamplingParams(temperature=1.0, max_new_tokens=10, seed=3)
   single = SpeculativeSampler(target, drafter, num_draft_tokens=K).generate(
