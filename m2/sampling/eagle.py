@@ -175,6 +175,8 @@ class EagleDrafter(Drafter):
                       jnp.where(active[:, None], last, state.feature))
 
   def relayout(self, state, segments, index, order=None):
+    # A row cut back at a stop string keeps the feature of its old pending token; its
+    # next round drafts from that (fewer acceptances once, the output stays exact).
     if order is None:
       cache = state.cache.replace(segments=segments, index=index)
     else:
