@@ -10,9 +10,9 @@ target's, so it adds one layer plus a [2, E, E] projection to the target (or a
 narrower layer between [2, E, W] and [W, E] projections: `width`).
 
 Its KV cache shares the target cache's slot layout. A round drafts from
-predicted features; `commit` then rewrites the round's k + 1 slots from the
-target's real features, so the cache holds what a prefill of the accepted text
-would (tests/sampling/eagle_test.py checks this).
+predicted features; `commit` then rewrites the drafted slots from the target's
+real features, so the cache holds what a prefill of the accepted text would
+(tests/sampling/eagle_test.py checks this).
 """
 
 from __future__ import annotations
@@ -167,9 +167,14 @@ class EagleDrafter(Drafter):
 
   def commit(self, ctx, state, segments, index, hidden, kept, tokens, positions):
     active = kept > 0
-    chunk_segments = jnp.broadcast_to(active.astype(jnp.int32)[:, None], tokens.shape)
-    features = jnp.concatenate([state.feature[:, None], hidden[:, :-1]], axis=1)
-    _, cache = self._write(ctx, state.cache, tokens, positions, chunk_segments, features)
+    # `propose` wrote cur's slot from its real feature; d_1..d_k's came from predicted
+    # ones. Rewrite those, unless no row kept a draft token.
+    def rewrite(cache):
+      chunk_segments = jnp.broadcast_to(active.astype(jnp.int32)[:, None], tokens[:, 1:].shape)
+      return self._write(ctx, cache.replace(index=cache.index + 1), tokens[:, 1:],
+                         positions[:, 1:], chunk_segments, hidden[:, :-1])[1]
+
+    cache = jax.lax.cond(jnp.max(kept) > 1, rewrite, lambda cache: cache, state.cache)
     last = jnp.take_along_axis(hidden, jnp.maximum(kept - 1, 0)[:, None, None], axis=1)[:, 0]
     return EagleState(cache.replace(segments=segments, index=index),
                       jnp.where(active[:, None], last, state.feature))

@@ -45,16 +45,19 @@ def test_greedy_with_an_eagle_head_equals_target_greedy(target, eagle):
       plain.generate(params, turn, GREEDY, state=ref.state).tokens)
 
 
-def test_after_a_round_the_head_cache_is_what_a_prefill_of_the_kept_text_gives(target, eagle):
+@pytest.mark.parametrize("kept", [1, 3])
+def test_after_a_round_the_head_cache_is_what_a_prefill_of_the_kept_text_gives(target, eagle,
+                                                                                kept):
   """`commit` rewrites the drafted slots from the target's real features: keeping
-  the keys computed from the head's own predicted features would fail this."""
+  the keys computed from the head's own predicted features would fail this (a
+  round that kept no draft token skips the rewrite)."""
   drafter, head_params = eagle
   ctx = drafter.prepare(head_params, target)
   text = np.array([[5, 9, 3, 4, 17, 2, 8, 30, 31, 32]], np.int32)
   hidden = target(jnp.asarray(text), return_hidden=True)[0]
   positions = jnp.arange(text.shape[1])[None]
   ones = jnp.ones_like(positions)
-  p, k, kept = 6, K, 3  # prompt of 6, then cur = text[6] pending; the round keeps 3 tokens
+  p, k = 6, K  # prompt of 6, then cur = text[6] pending; the round keeps `kept` tokens
 
   state = drafter.prefill(ctx, drafter.init(1, 16), text[:, :p], positions[:, :p], ones[:, :p],
                           hidden[:, :p])
