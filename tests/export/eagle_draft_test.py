@@ -27,13 +27,21 @@ def test_the_distilled_head_is_exact_and_accepted(eagle_folder):
   # It learnt the target's tokens through the target's LM head: far below ln(259) nats.
   assert report["final"]["token_nll"] < 2.0
 
-def test_the_folder_reads_back_bit_for_bit_and_drives_the_sampler(eagle_folder, trained_run):
+def test_the_folder_reads_back_bit_for_bit_and_drives_the_sampler(eagle_folder, trained_run,
+                                                                   tmp_path):
+  import jax
+
   from export import to_hf
   folder, report = eagle_folder
   cfg, params = D.read_eagle_folder(folder)
   target_cfg, target_params, _, _ = to_hf.read_checkpoint(to_hf.find_stage_dir(trained_run))
   assert cfg == target_cfg
   assert "embed" not in params and "lm_head" not in params  # it reads the target's
+  D.write_eagle_folder(cfg, params, tmp_path)
+  again_cfg, again = D.read_eagle_folder(tmp_path)
+  assert again_cfg == cfg
+  assert jax.tree.all(jax.tree.map(lambda a, b: a.dtype == b.dtype and np.array_equal(a, b),
+                                   params, again))
   prompts = [[int(t) for t in np.arange(40, 72) % 200]]
   again = D.speculative_stats(target_cfg, target_params, *D.eagle_drafter(cfg, params), prompts,
                               new_tokens=16)
