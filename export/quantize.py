@@ -397,34 +397,43 @@ def perplexity(model, windows: np.ndarray, batch_size: int = 8) -> float:
 
 
 def lm_stats(model, windows: np.ndarray, batch_size: int = 8, reference=None):
-  """({"ppl", and with `reference` "kl", "top1_agree"}, log-probs per batch).
+  """(stats, log-probs per batch) of a causal LM over equal-length token windows.
 
-  `reference` is the log-probs list a previous call returned (the dense model):
-  "kl" is the mean per-token KL(dense || model) and "top1_agree" the fraction of
-  positions where both predict the same next token. Unlike perplexity, which a
-  small perturbation can move either way, KL is 0 only for the dense model itself
-  and grows with any change to its predictions.
+  stats: "ppl"; with `reference` (the log-probs list a previous call returned,
+  the dense model's) also "kl", the mean per-token KL(dense || model);
+  "top1_agree", the fraction of positions where both predict the same next
+  token; and "dnll" / "dnll_se", the mean per-token NLL increase over the dense
+  model with its standard error across windows. The difference is paired per
+  window, so its error is far below that of either perplexity: it says whether a
+  perplexity gap between two methods is more than the text sample.
   """
   import torch
 
-  nll = kl = agree = 0.0
-  count = 0
+  kl = agree = 0.0
+  nll = []         # per window, summed over tokens
+  deltas = []      # per window, NLL minus the reference's
   logps = []
   with torch.no_grad():
     for b, i in enumerate(range(0, len(windows), batch_size)):
       x = torch.as_tensor(windows[i:i + batch_size])
+      targets = x[:, 1:, None]
       lp = torch.log_softmax(model(input_ids=x).logits[:, :-1].double(), dim=-1)
-      nll -= float(lp.gather(-1, x[:, 1:, None]).sum())
-      count += x[:, 1:].numel()
+      window_nll = -lp.gather(-1, targets)[..., 0].sum(-1)
+      nll.extend(window_nll.tolist())
       if reference is None:
         logps.append(lp.float())
       else:
         ref = reference[b].double()
         kl += float((ref.exp() * (ref - lp)).sum())
         agree += float((ref.argmax(-1) == lp.argmax(-1)).sum())
-  stats = {"ppl": math.exp(nll / count)}
+        deltas.extend((window_nll + ref.gather(-1, targets)[..., 0].sum(-1)).tolist())
+  tokens = windows.shape[1] - 1
+  count = len(nll) * tokens
+  stats = {"ppl": math.exp(sum(nll) / count)}
   if reference is not None:
-    stats.update(kl=kl / count, top1_agree=agree / count)
+    d = np.asarray(deltas) / tokens
+    stats.update(kl=kl / count, top1_agree=agree / count, dnll=float(d.mean()),
+                 dnll_se=float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0)
   return stats, logps
 
 
@@ -768,7 +777,7 @@ def quality_report(src, configs: dict[str, QuantConfig], *, held_windows: int = 
     stats, logps = lm_stats(model, held, reference=reference)
     if reference is None:   # the first model (fp32) is the reference
       reference = logps
-      stats.update(kl=0.0, top1_agree=1.0)
+      stats.update(kl=0.0, top1_agree=1.0, dnll=0.0, dnll_se=0.0)
     row = {"method": name, **stats,
            "output_error": model_output_error(model, dense_weights, hessians)}
     if cfg is not None:
@@ -804,14 +813,15 @@ def quality_report(src, configs: dict[str, QuantConfig], *, held_windows: int = 
 
 def format_report(rows: list[dict]) -> str:
   has_eval = any("healthbench" in r for r in rows)
-  head = (f"{'method':<24} {'held-out ppl':>12} {'KL vs fp32':>10} {'top-1 agree':>11} "
-          f"{'layer output err':>16}")
+  head = (f"{'method':<24} {'held-out ppl':>12} {'NLL shift ± se':>18} {'KL vs fp32':>10} "
+          f"{'top-1 agree':>11} {'layer output err':>16}")
   if has_eval:
     head += f" {'HealthBench':>11} {'± std':>7} {'unclipped':>9} {'same text':>9}"
   lines = [head]
   for r in rows:
-    line = (f"{r['method']:<24} {r['ppl']:>12.4f} {r['kl']:>10.6f} {r['top1_agree']:>11.4f} "
-            f"{r['output_error']:>16.5f}")
+    shift = f"{r['dnll']:+.5f} ± {r['dnll_se']:.5f}"
+    line = (f"{r['method']:<24} {r['ppl']:>12.4f} {shift:>18} {r['kl']:>10.6f} "
+            f"{r['top1_agree']:>11.4f} {r['output_error']:>16.5f}")
     if has_eval:
       line += (f" {r['healthbench']:>11.4f} {r['healthbench_std']:>7.4f} "
                f"{r['healthbench_raw']:>9.4f} {r['same_response']:>9.2f}")

@@ -1,6 +1,7 @@
 """export.to_hf: orbax run -> transformers folder; logits parity on a padded batch."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -195,6 +196,11 @@ def test_export_stage_of_m2_main(trained_run, tmp_path):
   rows = {r["method"]: r for r in json.load(open(os.path.join(stage, "quality.json")))["rows"]}
   assert list(rows) == ["fp32", "bf16", "rtn"]
   assert rows["fp32"]["kl"] == 0 and rows["rtn"]["kl"] > rows["bf16"]["kl"] >= 0
+  # The NLL shift is paired per window; its mean is the log perplexity ratio (the
+  # reference log-probs are kept in fp32, hence rel=1e-4).
+  assert rows["fp32"]["dnll"] == 0 and rows["rtn"]["dnll_se"] > 0
+  assert rows["rtn"]["dnll"] == pytest.approx(
+      math.log(rows["rtn"]["ppl"] / rows["fp32"]["ppl"]), rel=1e-4)
   assert all(0 <= r["healthbench"] <= 1 and 0 <= r["same_response"] <= 1 for r in rows.values())
   assert "HealthBench" in open(os.path.join(stage, "quality.txt")).read()
   with open(os.path.join(stage, "metrics.jsonl")) as f:
