@@ -20,10 +20,15 @@ r"""A small draft model for speculative decoding, distilled from the target.
 one layer over (the target's feature at t-1, the token at t), regressing the
 target's feature at t (smooth L1) plus `eagle_cls_weight` x the cross entropy
 of the target's token through the target's LM head, on the same samples and
-the target's features. The folder holds `eagle_head.safetensors` (m2 parameter
-paths; no embedding or LM head: it reads the target's) and the target's
-config; `read_eagle_folder` + `eagle_drafter` load it for `SpeculativeSampler`.
-vLLM / SGLang EAGLE checkpoints are not written yet.
+the target's features. The folder holds `model.safetensors` in EAGLE's own
+checkpoint names (`fc.weight`, `layers.0.*`; no embedding or LM head: it reads
+the target's) and `eagle_config.json` (the target's config);
+`read_eagle_folder` + `eagle_drafter` load it for `SpeculativeSampler`. For a
+Qwen2 target at full width it also writes the `config.json` of vLLM's EAGLE-1
+drafter (`EagleLlamaForCausalLM`, a one-layer Llama with qkv bias), so
+`vllm serve TARGET --speculative-config '{"method": "eagle", "model": FOLDER,
+"num_speculative_tokens": 4}'` can use it. That layout is checked against
+transformers' Qwen2 decoder layer, not against vLLM itself.
 """
 
 from __future__ import annotations
@@ -311,30 +316,72 @@ def train_eagle_head(target, samples: np.ndarray, prompt_len: int, workdir: str,
                   "train_s": result.wall_s, "final": result.final_metrics}
 
 
-EAGLE_WEIGHTS, EAGLE_CONFIG = "eagle_head.safetensors", "eagle_config.json"
+EAGLE_WEIGHTS, EAGLE_CONFIG = "model.safetensors", "eagle_config.json"
+
+
+def eagle_conversions(target_cfg, width: int | None = None) -> list:
+  """The head's tensors under EAGLE's checkpoint names, which vLLM's EAGLE-1 drafter
+  loads: fc.weight [W, 2E] over concat(embedding, feature) and layers.0.* as in the
+  target family's decoder layer, without input_layernorm (`m2.model.hf.conversions`
+  gives those). A narrower head (W < E) adds m2's own up.weight [E, W]."""
+  from m2.model import hf
+  from m2.sampling.eagle import layer_config
+
+  lc = layer_config(target_cfg, width)
+  e, w = target_cfg.embed_dim, lc.embed_dim
+  out = [hf.Conversion(("fc",), None, ("fc.weight",), ((w, 2 * e),),
+                       lambda t: t.T.reshape(2, e, w), lambda a: (a.reshape(2 * e, w).T,))]
+  for c in hf.conversions(lc):
+    if c.layer == 0 and c.m2_path[1] != "attn_norm":
+      out.append(dataclasses.replace(
+          c, m2_path=c.m2_path[1:], layer=None,
+          hf_names=tuple(n.removeprefix("model.") for n in c.hf_names)))
+  if w != e:
+    out.append(hf.Conversion(("up",), None, ("up.weight",), ((e, w),), lambda t: t.T,
+                             lambda a: (a.T,)))
+  return out
+
+
+def vllm_eagle_config(target_cfg) -> dict | None:
+  """config.json of vLLM's EAGLE-1 drafter for a full-width head over a Qwen2 target:
+  a one-layer Llama whose q/k/v carry biases (`qkv_bias`) and o_proj none, as in
+  Qwen2. None where vLLM has no matching layer (Qwen3's qk-norm)."""
+  if target_cfg.family != "qwen2":
+    return None
+  return {**target_cfg.to_hf_config(), "architectures": ["LlamaForCausalLM"],
+          "model_type": "llama", "num_hidden_layers": 1, "attention_bias": False,
+          "mlp_bias": False, "qkv_bias": target_cfg.qkv_bias}
 
 
 def write_eagle_folder(target_cfg, head_params: dict, folder) -> None:
-  """The head's weights under m2's parameter paths ("block/attn/qkv", ...) and the
-  target's model config. It has no embedding or LM head: it uses the target's."""
+  """The head's weights (`eagle_conversions`), eagle_config.json with the target's
+  config and, where vLLM has a matching drafter, its config.json."""
   import pathlib
 
-  from flax import traverse_util
   from safetensors.numpy import save_file
 
-  flat = traverse_util.flatten_dict(head_params, sep="/")
   folder = pathlib.Path(folder)
-  save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()},
+  width = int(np.shape(head_params["fc"])[-1])
+  tensors = {}
+  for c in eagle_conversions(target_cfg, width):
+    value = head_params
+    for key in c.m2_path:
+      value = value[key]
+    tensors.update(zip(c.hf_names, c.to_hf(np.asarray(value))))
+  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
             str(folder / EAGLE_WEIGHTS))
   (folder / EAGLE_CONFIG).write_text(json.dumps(
-      {"draft": "eagle", "target_model": dataclasses.asdict(target_cfg)}, indent=2))
+      {"draft": "eagle", "width": width, "target_model": dataclasses.asdict(target_cfg)},
+      indent=2))
+  vllm = vllm_eagle_config(target_cfg) if width == target_cfg.embed_dim else None
+  if vllm is not None:
+    (folder / "config.json").write_text(json.dumps(vllm, indent=2))
 
 
 def read_eagle_folder(folder) -> tuple[Any, dict]:
   """(target ModelConfig, head parameters as a nested dict) from `write_eagle_folder`."""
   import pathlib
 
-  from flax import traverse_util
   from safetensors.numpy import load_file
 
   from m2.model.config import ModelConfig
@@ -343,8 +390,25 @@ def read_eagle_folder(folder) -> tuple[Any, dict]:
   for name in (EAGLE_WEIGHTS, EAGLE_CONFIG):
     if not (folder / name).exists():
       raise FileNotFoundError(f"{folder} is not an EAGLE head folder: {name} is missing")
-  cfg = ModelConfig(**json.loads((folder / EAGLE_CONFIG).read_text())["target_model"])
-  params = traverse_util.unflatten_dict(load_file(str(folder / EAGLE_WEIGHTS)), sep="/")
+  meta = json.loads((folder / EAGLE_CONFIG).read_text())
+  cfg = ModelConfig(**meta["target_model"])
+  tensors = load_file(str(folder / EAGLE_WEIGHTS))
+  convs = eagle_conversions(cfg, meta["width"])
+  expected = {n: shape for c in convs for n, shape in zip(c.hf_names, c.hf_shapes)}
+  found = {n: tuple(t.shape) for n, t in tensors.items()}
+  if found != expected:
+    wrong = sorted(n for n in expected.keys() & found.keys() if expected[n] != found[n])
+    raise ValueError(
+        f"{folder / EAGLE_WEIGHTS} does not hold a width-{meta['width']} EAGLE head of this "
+        f"target: missing {sorted(expected.keys() - found.keys())}, unexpected "
+        f"{sorted(found.keys() - expected.keys())}, wrong shape {wrong}")
+  params: dict = {}
+  for c in convs:
+    *parents, leaf = c.m2_path
+    node = params
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = c.from_hf(*(tensors[n] for n in c.hf_names))
   return cfg, params
 
 

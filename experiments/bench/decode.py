@@ -286,7 +286,7 @@ def train_eagle(args, tok, texts, target):
   cfg = D.DraftConfig(kind="eagle", prompts=256, prompt_len=args.prompt_len, new_tokens=96,
                       temperature=1.0, steps=args.train_steps * 2, seed=args.seed,
                       eagle_width=args.draft_dim)
-  workdir = os.path.join(args.workdir, f"eagle_t1_w{args.draft_dim}_s{cfg.steps}_from_target"
+  workdir = os.path.join(args.workdir, f"eagle1_t1_w{args.draft_dim}_s{cfg.steps}_from_target"
                                        f"_s{args.train_steps}_seed{args.seed}")
   rng = np.random.default_rng(args.seed + 3)
   docs = [tok.encode(t) for t in texts if len(t.encode()) > 4 * args.prompt_len]

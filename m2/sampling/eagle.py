@@ -9,6 +9,10 @@ features. It has no embedding table or LM head of its own: it reads the
 target's, so it adds one layer plus a [2, E, E] projection to the target (or a
 narrower layer between [2, E, W] and [W, E] projections: `width`).
 
+The layer is EAGLE's own: a decoder layer without its input norm, and no norm
+after it. At the target's width that is the layout of vLLM's
+`EagleLlamaForCausalLM`, so `export.draft` can write the head for vLLM.
+
 Its KV cache shares the target cache's slot layout. A round drafts from
 predicted features; `commit` then rewrites the drafted slots from the target's
 real features, so the cache holds what a prefill of the accepted text would
@@ -25,7 +29,7 @@ from flax import nnx, struct
 
 from m2.model import head
 from m2.model.config import ModelConfig
-from m2.model.modules import Block, RMSNorm, param
+from m2.model.modules import MLP, Attention, RMSNorm, param
 from m2.sampling import cache_ops
 from m2.sampling.forward import LayerCache
 from m2.sampling.speculative import Drafter
@@ -49,8 +53,8 @@ def layer_config(cfg: ModelConfig, width: int | None = None) -> ModelConfig:
 
 
 class EagleHead(nnx.Module):
-  """fc([embed(x_t), f_{t-1}]) -> one Block -> (projection back) -> RMSNorm: the
-  predicted feature f_t.
+  """fc([embed(x_t), f_{t-1}]) -> a decoder layer without its input norm ->
+  (projection back): the predicted feature f_t.
 
   cfg is the target's config. The layer has the target's width, as in EAGLE, or
   `width` (cheaper per draft token); then fc maps down to it and `up` maps back.
@@ -58,12 +62,13 @@ class EagleHead(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, width: int | None = None):
     self.cfg = cfg
-    self.layer_cfg = layer_config(cfg, width)
-    e, w = cfg.embed_dim, self.layer_cfg.embed_dim
+    self.layer_cfg = lc = layer_config(cfg, width)
+    e, w = cfg.embed_dim, lc.embed_dim
     self.fc = param(rngs, (2, e, w), (None, "embed", None), cfg.weight_dtype)
-    self.block = Block(self.layer_cfg, rngs=rngs)
+    self.attn = Attention(lc, rngs=rngs)
+    self.mlp_norm = RMSNorm(w, lc.rms_norm_eps, lc)
+    self.mlp = MLP(lc, rngs=rngs)
     self.up = param(rngs, (w, e), (None, "embed"), cfg.weight_dtype) if w != e else None
-    self.norm = RMSNorm(e, cfg.rms_norm_eps, cfg)
 
   def __call__(self, token_embeds, features, positions, segments, kv_cache=None,
                cache_segments=None, cache_index=None):
@@ -72,10 +77,14 @@ class EagleHead(nnx.Module):
     fc = self.fc[...].astype(dt)
     x = (jnp.einsum("bte,ef->btf", token_embeds.astype(dt), fc[0])
          + jnp.einsum("bte,ef->btf", features.astype(dt), fc[1]))
-    x, kv = self.block(x, positions, segments, kv_cache, cache_segments, cache_index)
+    # EAGLE-1 (and vLLM's EAGLE layer) skips the input norm: fc's output is on the
+    # features' scale already.
+    h, kv = self.attn(x, positions, segments, kv_cache, cache_segments, cache_index)
+    x = x + h
+    x = x + self.mlp(self.mlp_norm(x))
     if self.up is not None:
       x = jnp.einsum("btf,fe->bte", x, self.up[...].astype(dt))
-    return self.norm(x), kv
+    return x, kv
 
 
 def shift_features(features, segments, first):

@@ -48,6 +48,50 @@ def test_the_folder_reads_back_bit_for_bit_and_drives_the_sampler(eagle_folder, 
   assert again["identical_to_plain_greedy"]
 
 
-def test_a_folder_without_the_head_is_refused(tmp_path):
+def test_a_folder_without_the_head_or_with_another_head_is_refused(eagle_folder, tmp_path):
+  import shutil
+
   with pytest.raises(FileNotFoundError, match="not an EAGLE head folder"):
     D.read_eagle_folder(tmp_path)
+  other = tmp_path / "other"
+  shutil.copytree(eagle_folder[0], other)
+  meta = json.loads((other / "eagle_config.json").read_text())
+  (other / "eagle_config.json").write_text(json.dumps({**meta, "width": 64}))
+  with pytest.raises(ValueError, match=r"width-64 EAGLE head.*missing \['up.weight'\]"):
+    D.read_eagle_folder(other)
+
+
+def test_the_vllm_layout_rebuilt_in_transformers_gives_the_heads_features(eagle_folder):
+  """config.json + model.safetensors as vLLM's EAGLE-1 drafter reads them: fc over
+  concat(embedding, feature), one Llama layer with qkv biases (a Qwen2 layer) without
+  its input norm, no norm after it. Rebuilt in transformers from the files alone, it
+  computes m2's predicted features."""
+  import torch
+  from flax import nnx
+  from safetensors.torch import load_file
+  from transformers import Qwen2Config, Qwen2Model
+
+  folder, _ = eagle_folder
+  config = json.loads((folder / "config.json").read_text())
+  assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 1
+  assert config["qkv_bias"] and not config["attention_bias"]
+  tensors = load_file(str(folder / "model.safetensors"))
+  assert not any(n.endswith("input_layernorm.weight") for n in tensors)
+  layer = Qwen2Model(Qwen2Config(**{k: v for k, v in config.items() if k not in (
+      "architectures", "model_type", "qkv_bias", "attention_bias", "mlp_bias")})).eval()
+  layer.layers[0].input_layernorm = torch.nn.Identity()
+  layer.norm = torch.nn.Identity()
+  result = layer.load_state_dict({k: v for k, v in tensors.items() if k != "fc.weight"},
+                                 strict=False)
+  assert result.missing_keys == ["embed_tokens.weight"] and not result.unexpected_keys
+
+  cfg, params = D.read_eagle_folder(folder)
+  drafter, state = D.eagle_drafter(cfg, params)
+  rng = np.random.default_rng(0)
+  embeds, features = rng.normal(size=(2, 2, 9, cfg.embed_dim)).astype(np.float32)
+  ours, _ = nnx.merge(drafter.graphdef, state)(
+      embeds, features, np.broadcast_to(np.arange(9), (2, 9)), np.ones((2, 9), np.int32))
+  with torch.no_grad():
+    x = torch.cat([torch.from_numpy(embeds), torch.from_numpy(features)], -1)
+    theirs = layer(inputs_embeds=x @ tensors["fc.weight"].T).last_hidden_state.numpy()
+  np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=0)
