@@ -77,8 +77,7 @@ class EagleHead(nnx.Module):
     fc = self.fc[...].astype(dt)
     x = (jnp.einsum("bte,ef->btf", token_embeds.astype(dt), fc[0])
          + jnp.einsum("bte,ef->btf", features.astype(dt), fc[1]))
-    # EAGLE-1 (and vLLM's EAGLE layer) skips the input norm: fc's output is on the
-    # features' scale already.
+    # No input norm, as in EAGLE-1 and vLLM's EAGLE layer: their weights load as is.
     h, kv = self.attn(x, positions, segments, kv_cache, cache_segments, cache_index)
     x = x + h
     x = x + self.mlp(self.mlp_norm(x))
