@@ -555,7 +555,7 @@ def main(argv=None):
   p.add_argument("--stage", default=None)
   p.add_argument("--kind", default="model", choices=KINDS,
                  help="model: a small Transformer (exported as an HF folder); eagle: an "
-                      "EAGLE head over the target's features (m2 weights only)")
+                      "EAGLE head over the target's features (EAGLE-1 layout)")
   p.add_argument("--layers", type=int, default=1)
   p.add_argument("--eagle_width", type=int, default=0,
                  help="width of the EAGLE layer (0: the target's embed_dim)")

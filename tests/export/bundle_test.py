@@ -132,3 +132,12 @@ def test_serve_local_streams_an_openai_chat_reply(bundled):
       assert err.code == 400 and "messages" in json.loads(err.read())["error"]["message"]
   finally:
     server.shutdown()
+
+
+def test_the_draft_drives_transformers_assisted_generation(bundled, exported):
+  """export.draft --target_hf: transformers' generate(assistant_model=draft) on CPU, timed
+  against plain greedy generate; the draft only proposes, so the tokens are the target's."""
+  from export.draft import assisted_generation_stats
+  stats = assisted_generation_stats(exported, bundled / "draft", [[80, 97, 116], [68, 114]], 12)
+  assert stats["identical_to_plain_greedy"] and stats["prompts"] == 2
+  assert stats["speedup"] == pytest.approx(stats["plain_s"] / stats["assisted_s"])
