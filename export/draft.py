@@ -505,8 +505,10 @@ def assisted_generation_stats(target_dir, draft_dir, prompts, new_tokens: int) -
 
 def build_draft(workdir: str, out: str, cfg: DraftConfig, *, stage: str | None = None,
                 train_dir: str | None = None, overwrite: bool = False,
-                eval_prompts: int = 8, eval_tokens: int = 64, k: int = 4) -> dict:
-  """Distils, exports to `out` and evaluates. Returns the report (also out/draft_report.json)."""
+                eval_prompts: int = 8, eval_tokens: int = 64, k: int = 4,
+                eval_temperature: float = 0.0) -> dict:
+  """Distils, exports to `out` and evaluates (decoding at `eval_temperature`; 0: greedy).
+  Returns the report (also out/draft_report.json)."""
   from export import to_hf
 
   stage_dir = to_hf.find_stage_dir(workdir, stage)
@@ -516,12 +518,13 @@ def build_draft(workdir: str, out: str, cfg: DraftConfig, *, stage: str | None =
                                         f".{os.path.basename(out)}.train")
   return draft_folder(target_cfg, target_params, tokenizer, out, cfg, train_dir=train_dir,
                       overwrite=overwrite, eval_prompts=eval_prompts, eval_tokens=eval_tokens,
-                      k=k)
+                      k=k, eval_temperature=eval_temperature)
 
 
 def draft_folder(target_cfg, target_params, tokenizer, out: str, cfg: DraftConfig, *,
                  train_dir: str, overwrite: bool = False, eval_prompts: int = 8,
-                 eval_tokens: int = 64, k: int = 4, data_dir: str | None = None) -> dict:
+                 eval_tokens: int = 64, k: int = 4, data_dir: str | None = None,
+                 eval_temperature: float = 0.0) -> dict:
   """`build_draft` from weights in memory (a nested dict of host arrays), e.g. those the
   pipeline's export stage receives. Writes the HF folder `out` (atomically) with
   draft_report.json; `train_dir` keeps the distillation checkpoints (a rerun resumes)."""
@@ -541,7 +544,7 @@ def draft_folder(target_cfg, target_params, tokenizer, out: str, cfg: DraftConfi
     held = medical_prompts(tokenizer, "test1", eval_prompts, cfg.prompt_len, cfg.seed + 1,
                            data_dir)
     report["m2_speculative"] = speculative_stats(target_cfg, target_params, *drafter, held,
-                                                 eval_tokens, k)
+                                                 eval_tokens, k, eval_temperature)
     (tmp / "draft_report.json").write_text(json.dumps(report, indent=2))
   return report
 
@@ -564,6 +567,9 @@ def main(argv=None):
   p.add_argument("--k", type=int, default=4)
   p.add_argument("--temperature", type=float, default=0.0,
                  help="sample the target's distillation text at this temperature (0: greedy)")
+  p.add_argument("--eval_prompts", type=int, default=8, help="held-out prompts (MTS-Dialog test1)")
+  p.add_argument("--eval_temperature", type=float, default=0.0,
+                 help="decode the held-out prompts at this temperature (0: greedy)")
   p.add_argument("--target_hf", default=None,
                  help="the target's HF export, to also time transformers assisted generation")
   p.add_argument("--overwrite", action="store_true")
@@ -571,12 +577,13 @@ def main(argv=None):
   logging.basicConfig(level=logging.INFO)
   cfg = DraftConfig(kind=a.kind, layers=a.layers, steps=a.steps, prompts=a.prompts,
                     temperature=a.temperature, eagle_width=a.eagle_width)
-  report = build_draft(a.workdir, a.out, cfg, stage=a.stage, overwrite=a.overwrite, k=a.k)
+  report = build_draft(a.workdir, a.out, cfg, stage=a.stage, overwrite=a.overwrite, k=a.k,
+                       eval_prompts=a.eval_prompts, eval_temperature=a.eval_temperature)
   if a.target_hf and cfg.kind == "model":
     from export import to_hf
     _, _, meta, _ = to_hf.read_checkpoint(to_hf.find_stage_dir(a.workdir, a.stage))
     tok = to_hf.load_run_tokenizer(meta)
-    held = medical_prompts(tok, "test1", 8, cfg.prompt_len, cfg.seed + 1)
+    held = medical_prompts(tok, "test1", a.eval_prompts, cfg.prompt_len, cfg.seed + 1)
     report["transformers_assisted"] = assisted_generation_stats(a.target_hf, a.out, held, 64)
   print(json.dumps({"bench": "draft", **report}))
 

@@ -95,3 +95,17 @@ def test_the_vllm_layout_rebuilt_in_transformers_gives_the_heads_features(eagle_
     x = torch.cat([torch.from_numpy(embeds), torch.from_numpy(features)], -1)
     theirs = layer(inputs_embeds=x @ tensors["fc.weight"].T).last_hidden_state.numpy()
   np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=0)
+
+
+def test_sampled_decoding_is_measured_when_asked(eagle_folder, trained_run, tmp_path):
+  """--eval_temperature: the held-out rounds are sampled (the rerun resumes the finished
+  distillation from its train dir)."""
+  folder, _ = eagle_folder
+  cfg = D.DraftConfig(kind="eagle", prompts=32, prompt_len=32, new_tokens=48, steps=60,
+                      batch_size=16)
+  again = D.build_draft(trained_run, str(tmp_path / "eagle"), cfg,
+                        train_dir=str(folder.parent / "train"), eval_prompts=2, eval_tokens=32,
+                        eval_temperature=1.0)
+  spec = again["m2_speculative"]
+  assert spec["temperature"] == 1.0 and spec["identical_to_plain_greedy"] is None
+  assert 1.0 <= spec["tokens_per_round"] <= 5.0
