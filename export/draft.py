@@ -58,6 +58,7 @@ class DraftConfig:
   learning_rate: float = 2e-3
   eagle_cls_weight: float = 0.1  # EAGLE's loss: feature regression + this x token CE
   eagle_width: int = 0        # the EAGLE layer's width (0: the target's)
+  eagle_draft_vocab: int = 0  # draft among the samples' most frequent tokens (0: all)
   seed: int = 0
 
   def __post_init__(self):
@@ -65,6 +66,9 @@ class DraftConfig:
       raise ValueError(f"DraftConfig.kind: one of {KINDS} (got {self.kind!r})")
     if not self.temperature >= 0:
       raise ValueError(f"DraftConfig.temperature: must be >= 0 (got {self.temperature!r})")
+    if not (isinstance(self.eagle_draft_vocab, int) and self.eagle_draft_vocab >= 0):
+      raise ValueError(f"DraftConfig.eagle_draft_vocab: an int >= 0, 0 for the whole "
+                       f"vocabulary (got {self.eagle_draft_vocab!r})")
     for f in ("layers", "prompts", "prompt_len", "new_tokens", "steps", "batch_size"):
       if not (isinstance(getattr(self, f), int) and getattr(self, f) > 0):
         raise ValueError(f"DraftConfig.{f}: must be a positive int (got {getattr(self, f)!r})")
@@ -312,18 +316,29 @@ def train_eagle_head(target, samples: np.ndarray, prompt_len: int, workdir: str,
                  workdir, init_params=init, meta={"stage": "eagle_draft"}, make_model=make,
                  loss_fn=functools.partial(eagle_loss, cls_weight=cfg.eagle_cls_weight))
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(result.state.params)["head"])
+  if cfg.eagle_draft_vocab:
+    params["draft_vocab"] = frequent_tokens(samples[:, prompt_len:], cfg.eagle_draft_vocab,
+                                            target.cfg.vocab_size)
   return params, {"kind": "eagle", "samples": int(samples.shape[0]),
                   "train_s": result.wall_s, "final": result.final_metrics}
+
+
+def frequent_tokens(tokens: np.ndarray, n: int, vocab_size: int) -> np.ndarray:
+  """The `n` most frequent ids of `tokens` (ties: lower id first), sorted: a draft
+  vocabulary."""
+  counts = np.bincount(np.asarray(tokens).ravel(), minlength=vocab_size)
+  return np.sort(np.argsort(-counts, kind="stable")[:n]).astype(np.int32)
 
 
 EAGLE_WEIGHTS, EAGLE_CONFIG = "model.safetensors", "eagle_config.json"
 
 
-def eagle_conversions(target_cfg, width: int | None = None) -> list:
+def eagle_conversions(target_cfg, width: int | None = None, draft_vocab: int = 0) -> list:
   """The head's tensors under EAGLE's checkpoint names, which vLLM's EAGLE-1 drafter
   loads: fc.weight [W, 2E] over concat(embedding, feature) and layers.0.* as in the
   target family's decoder layer, without input_layernorm (`m2.model.hf.conversions`
-  gives those). A narrower head (W < E) adds m2's own up.weight [E, W]."""
+  gives those). A narrower head (W < E) adds m2's own up.weight [E, W], and a draft
+  vocabulary its token ids, draft_vocab [N] (vLLM's EAGLE-1 skips both names)."""
   from m2.model import hf
   from m2.sampling.eagle import layer_config
 
@@ -339,6 +354,9 @@ def eagle_conversions(target_cfg, width: int | None = None) -> list:
   if w != e:
     out.append(hf.Conversion(("up",), None, ("up.weight",), ((e, w),), lambda t: t.T,
                              lambda a: (a.T,)))
+  if draft_vocab:
+    out.append(hf.Conversion(("draft_vocab",), None, ("draft_vocab",), ((draft_vocab,),),
+                             lambda t: t, lambda a: (a,)))
   return out
 
 
@@ -362,8 +380,9 @@ def write_eagle_folder(target_cfg, head_params: dict, folder) -> None:
 
   folder = pathlib.Path(folder)
   width = int(np.shape(head_params["fc"])[-1])
+  vocab = int(np.size(head_params.get("draft_vocab", ())))
   tensors = {}
-  for c in eagle_conversions(target_cfg, width):
+  for c in eagle_conversions(target_cfg, width, vocab):
     value = head_params
     for key in c.m2_path:
       value = value[key]
@@ -371,7 +390,8 @@ def write_eagle_folder(target_cfg, head_params: dict, folder) -> None:
   save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
             str(folder / EAGLE_WEIGHTS))
   (folder / EAGLE_CONFIG).write_text(json.dumps(
-      {"draft": "eagle", "width": width, "target_model": dataclasses.asdict(target_cfg)},
+      {"draft": "eagle", "width": width, "draft_vocab": vocab,
+       "target_model": dataclasses.asdict(target_cfg)},
       indent=2))
   vllm = vllm_eagle_config(target_cfg) if width == target_cfg.embed_dim else None
   if vllm is not None:
@@ -393,7 +413,7 @@ def read_eagle_folder(folder) -> tuple[Any, dict]:
   meta = json.loads((folder / EAGLE_CONFIG).read_text())
   cfg = ModelConfig(**meta["target_model"])
   tensors = load_file(str(folder / EAGLE_WEIGHTS))
-  convs = eagle_conversions(cfg, meta["width"])
+  convs = eagle_conversions(cfg, meta["width"], meta.get("draft_vocab", 0))
   expected = {n: shape for c in convs for n, shape in zip(c.hf_names, c.hf_shapes)}
   found = {n: tuple(t.shape) for n, t in tensors.items()}
   if found != expected:
@@ -419,7 +439,9 @@ def eagle_drafter(target_cfg, head_params):
   from m2.sampling.eagle import EagleDrafter, EagleHead
 
   width = np.shape(head_params["fc"])[-1]  # [2, E, width]
-  module = nnx.eval_shape(lambda: EagleHead(target_cfg, rngs=nnx.Rngs(0), width=width))
+  vocab = int(np.size(head_params.get("draft_vocab", ())))
+  module = nnx.eval_shape(lambda: EagleHead(target_cfg, rngs=nnx.Rngs(0), width=width,
+                                            draft_vocab=vocab))
   state = nnx.state(module)
   nnx.replace_by_pure_dict(state, head_params)
   return EagleDrafter(module), state
@@ -562,6 +584,8 @@ def main(argv=None):
   p.add_argument("--layers", type=int, default=1)
   p.add_argument("--eagle_width", type=int, default=0,
                  help="width of the EAGLE layer (0: the target's embed_dim)")
+  p.add_argument("--eagle_draft_vocab", type=int, default=0,
+                 help="draft among this many of the samples' most frequent tokens (0: all)")
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--prompts", type=int, default=256)
   p.add_argument("--k", type=int, default=4)
@@ -576,7 +600,8 @@ def main(argv=None):
   a = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO)
   cfg = DraftConfig(kind=a.kind, layers=a.layers, steps=a.steps, prompts=a.prompts,
-                    temperature=a.temperature, eagle_width=a.eagle_width)
+                    temperature=a.temperature, eagle_width=a.eagle_width,
+                    eagle_draft_vocab=a.eagle_draft_vocab)
   report = build_draft(a.workdir, a.out, cfg, stage=a.stage, overwrite=a.overwrite, k=a.k,
                        eval_prompts=a.eval_prompts, eval_temperature=a.eval_temperature)
   if a.target_hf and cfg.kind == "model":

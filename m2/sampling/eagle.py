@@ -7,7 +7,11 @@ layer, and predicts f_t; the target's LM head turns that into the distribution
 of x_{t+1}. Later tokens of a round feed back the head's own predicted
 features. It has no embedding table or LM head of its own: it reads the
 target's, so it adds one layer plus a [2, E, E] projection to the target (or a
-narrower layer between [2, E, W] and [W, E] projections: `width`).
+narrower layer between [2, E, W] and [W, E] projections: `width`). With
+`draft_vocab` it drafts only among that many target tokens (EAGLE-3's reduced
+draft vocabulary): each draft step then reads that many rows of the LM head,
+not all V. Exactness is kept: the other tokens have draft probability 0, and
+the rejection rule's residual gives them their target mass.
 
 The layer is EAGLE's own: a decoder layer without its input norm, and no norm
 after it. At the target's width that is the layout of vLLM's
@@ -52,15 +56,25 @@ def layer_config(cfg: ModelConfig, width: int | None = None) -> ModelConfig:
                      mlp_dim=cfg.mlp_dim * width // e)
 
 
+class DraftVocab(nnx.Variable):
+  """The target token ids an EagleHead drafts among (not trained)."""
+
+
 class EagleHead(nnx.Module):
   """fc([embed(x_t), f_{t-1}]) -> a decoder layer without its input norm ->
   (projection back): the predicted feature f_t.
 
   cfg is the target's config. The layer has the target's width, as in EAGLE, or
   `width` (cheaper per draft token); then fc maps down to it and `up` maps back.
+  draft_vocab > 0 holds that many target token ids to draft among (set them after
+  training, e.g. the most frequent tokens of the target's samples).
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, width: int | None = None):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, width: int | None = None,
+               draft_vocab: int = 0):
+    if not 0 <= draft_vocab <= cfg.vocab_size:
+      raise ValueError(f"EAGLE draft_vocab must be in [0, vocab_size={cfg.vocab_size}] "
+                       f"(got {draft_vocab})")
     self.cfg = cfg
     self.layer_cfg = lc = layer_config(cfg, width)
     e, w = cfg.embed_dim, lc.embed_dim
@@ -69,6 +83,8 @@ class EagleHead(nnx.Module):
     self.mlp_norm = RMSNorm(w, lc.rms_norm_eps, lc)
     self.mlp = MLP(lc, rngs=rngs)
     self.up = param(rngs, (w, e), (None, "embed"), cfg.weight_dtype) if w != e else None
+    self.draft_vocab = (DraftVocab(jnp.arange(draft_vocab, dtype=jnp.int32)) if draft_vocab
+                        else None)
 
   def __call__(self, token_embeds, features, positions, segments, kv_cache=None,
                cache_segments=None, cache_index=None):
@@ -110,8 +126,17 @@ class EagleState:
 class _Context:
   head: EagleHead
   embed: jax.Array       # the target's [V, E] table
-  out: jax.Array         # the target's output embedding
+  out: jax.Array         # the target's output embedding (the draft vocabulary's rows)
   out_axes: str
+  vocab: jax.Array | None  # the draft vocabulary's target ids; None: all
+
+  def logits(self, features):
+    """Draft logits [B, V] over the target's vocabulary; -inf off the draft vocabulary."""
+    logits = head.logits(features, self.out, self.out_axes)
+    if self.vocab is None:
+      return logits
+    full = jnp.full(logits.shape[:-1] + (self.embed.shape[0],), -jnp.inf, logits.dtype)
+    return full.at[..., self.vocab].set(logits)
 
 
 class EagleDrafter(Drafter):
@@ -133,8 +158,12 @@ class EagleDrafter(Drafter):
     return params
 
   def prepare(self, params, target):
+    module = nnx.merge(self.graphdef, params)
     out, out_axes = target.output_embedding()
-    return _Context(nnx.merge(self.graphdef, params), target.embed[...], out, out_axes)
+    vocab = None if module.draft_vocab is None else module.draft_vocab[...]
+    if vocab is not None:  # gathered once per call, read by every draft step
+      out = jnp.take(out, vocab, axis=out_axes.index("v"))
+    return _Context(module, target.embed[...], out, out_axes, vocab)
 
   def init(self, batch, cache_length):
     cache = LayerCache.init(self.layer_cfg, batch, cache_length)
@@ -164,7 +193,7 @@ class EagleDrafter(Drafter):
       cache, tok, feat, drafts, logq = carry
       pred, cache = self._write(ctx, cache, tok[:, None], (position + i)[:, None], seg,
                                 feat[:, None])
-      d, lq = sample(head.logits(pred[:, 0], ctx.out, ctx.out_axes), i)
+      d, lq = sample(ctx.logits(pred[:, 0]), i)
       return cache, d, pred[:, 0], drafts.at[:, i].set(d), logq.at[:, i].set(lq)
 
     init = (state.cache, token, state.feature, jnp.zeros((b, num_tokens), jnp.int32),

@@ -97,15 +97,19 @@ def test_the_vllm_layout_rebuilt_in_transformers_gives_the_heads_features(eagle_
   np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=0)
 
 
-def test_sampled_decoding_is_measured_when_asked(eagle_folder, trained_run, tmp_path):
-  """--eval_temperature: the held-out rounds are sampled (the rerun resumes the finished
-  distillation from its train dir)."""
+def test_a_draft_vocabulary_and_sampled_decoding(eagle_folder, trained_run, tmp_path):
+  """--eagle_draft_vocab keeps the samples' most frequent tokens; --eval_temperature
+  samples the held-out rounds (the rerun resumes the finished distillation)."""
+  assert D.frequent_tokens(np.array([[3, 3, 5, 7, 7, 7]]), 2, 10).tolist() == [3, 7]
   folder, _ = eagle_folder
   cfg = D.DraftConfig(kind="eagle", prompts=32, prompt_len=32, new_tokens=48, steps=60,
-                      batch_size=16)
+                      batch_size=16, eagle_draft_vocab=64)
   again = D.build_draft(trained_run, str(tmp_path / "eagle"), cfg,
                         train_dir=str(folder.parent / "train"), eval_prompts=2, eval_tokens=32,
                         eval_temperature=1.0)
   spec = again["m2_speculative"]
   assert spec["temperature"] == 1.0 and spec["identical_to_plain_greedy"] is None
   assert 1.0 <= spec["tokens_per_round"] <= 5.0
+  _, params = D.read_eagle_folder(tmp_path / "eagle")
+  vocab = params["draft_vocab"]
+  assert vocab.dtype == np.int32 and vocab.size == 64 and (np.diff(vocab) > 0).all()

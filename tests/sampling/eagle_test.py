@@ -108,3 +108,24 @@ def test_sharded_on_a_2x2x2_mesh_gives_the_single_device_output(target):
   np.testing.assert_array_equal(out.tokens, single.tokens)
   np.testing.assert_allclose(out.logprobs, single.logprobs, atol=1e-5)
   assert len(out.state.draft.cache.k[0].sharding.device_set) == 8
+
+
+def test_a_draft_vocabulary_limits_the_drafts_and_greedy_stays_exact(target):
+  """EAGLE-3's reduced draft vocabulary: the head's logits are the target head's on
+  those ids and -inf elsewhere; the target's greedy output is unchanged."""
+  vocab = jnp.arange(0, CFG.vocab_size, 6, dtype=jnp.int32)
+  head = EagleHead(CFG, rngs=nnx.Rngs(1), draft_vocab=vocab.size)
+  head.draft_vocab[...] = vocab
+  drafter, head_params = EagleDrafter(head), nnx.state(head)
+  features = jax.random.normal(jax.random.key(0), (2, CFG.embed_dim))
+  logits = np.asarray(drafter.prepare(head_params, target).logits(features))
+  np.testing.assert_allclose(logits[:, vocab], np.asarray(target.logits(features))[:, vocab],
+                             atol=1e-6)
+  assert np.isneginf(np.delete(logits, vocab, axis=1)).all()
+  params = nnx.state(target)
+  out = SpeculativeSampler(target, drafter, num_draft_tokens=K).generate(
+      params, PROMPTS, GREEDY, draft_params=head_params)
+  np.testing.assert_array_equal(out.tokens, Sampler(target).generate(params, PROMPTS,
+                                                                     GREEDY).tokens)
+  with pytest.raises(ValueError, match="draft_vocab must be in"):
+    EagleHead(CFG, rngs=nnx.Rngs(0), draft_vocab=CFG.vocab_size + 1)
