@@ -6,20 +6,23 @@ each layer's slice in place, and this is the right choice.
 
 `UnrolledForward` runs the same `Block`s in a Python loop over per-layer
 weights and a per-layer cache (`LayerCache`: L separate key and value buffers).
-The weights are sliced out of the stacked parameters once per call, before the
-decode loop. Why: XLA:CPU copies a layer's weights out of the stacked array on
-every use (a dynamic slice inside the scan, or a static slice that is not
-hoisted out of the while loop), and rewrites the stacked cache each step; in a
-profile of the tiny model at batch 1 those copies took about half of each
-decode step. The price is one copy of the layer weights per call, which is why
-accelerators keep the scan. The embedding lookup, cache-segment bookkeeping
-and final norm mirror `Transformer.__call__`; tests/sampling check that both
-forwards give the model's logits.
+The weights are sliced out of the stacked parameters by `load`, outside the
+jitted calls, once per parameter version (kept while those parameters live).
+Why: XLA:CPU copies a layer's weights out of the stacked array on every use (a
+dynamic slice inside the scan, or a static slice that is not hoisted out of the
+while loop), and rewrites the stacked cache each step; in a profile of the tiny
+model at batch 1 those copies took about half of each decode step. Slicing
+inside each call instead cost ~5 ms a call there (fresh 12 MB, page-faulted in;
+9 % of a 128-token batch-1 generation). The price is a second copy of the layer
+weights, which is why accelerators keep the scan. The embedding lookup,
+cache-segment bookkeeping and final norm mirror `Transformer.__call__`;
+tests/sampling check that both forwards give the model's logits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 import jax
@@ -78,6 +81,11 @@ class ScanForward:
   def __init__(self, graphdef: nnx.GraphDef, cfg: ModelConfig):
     self.graphdef, self.cfg = graphdef, cfg
 
+  def load(self, params) -> Any:
+    """Outside jit, on the checked parameters: what the jitted calls take (and `prepare`
+    gets)."""
+    return params
+
   def prepare(self, params) -> Any:
     """Runs once per jitted call, before the decode loop."""
     return nnx.merge(self.graphdef, params)
@@ -99,6 +107,14 @@ class ScanForward:
     return model
 
 
+@struct.dataclass
+class UnrolledParams:
+  """The model's parameters and, split from them, each layer's block weights."""
+
+  params: Any
+  layers: tuple[Any, ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Unrolled:
   model: nnx.Module
@@ -111,12 +127,32 @@ class UnrolledForward(ScanForward):
 
   name = "unrolled"
 
-  def prepare(self, params) -> _Unrolled:
-    model = nnx.merge(self.graphdef, params)
-    block_def, stacked = nnx.split(model.blocks)
-    layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked)
-                   for i in range(self.cfg.num_layers))
-    return _Unrolled(model, block_def, layers)
+  def __init__(self, graphdef: nnx.GraphDef, cfg: ModelConfig):
+    super().__init__(graphdef, cfg)
+    self._split = jax.jit(self._split_layers)
+    self._last: tuple[list, tuple] | None = None  # (weakrefs to the params, their layers)
+
+  def _split_layers(self, params) -> tuple[Any, ...]:
+    stacked = nnx.state(nnx.merge(self.graphdef, params).blocks)
+    return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.cfg.num_layers))
+
+  def load(self, params) -> UnrolledParams:
+    """Splits the layers once per parameter version: the split of the last parameters
+    seen is reused while every leaf is the same (immutable) jax.Array."""
+    leaves = jax.tree.leaves(params)
+    last = self._last
+    if last is not None and len(last[0]) == len(leaves) and all(
+        ref() is leaf for ref, leaf in zip(last[0], leaves)):
+      return UnrolledParams(params, last[1])
+    layers = self._split(params)
+    self._last = None
+    if all(isinstance(leaf, jax.Array) for leaf in leaves):  # numpy arrays are mutable
+      self._last = ([weakref.ref(leaf) for leaf in leaves], layers)
+    return UnrolledParams(params, layers)
+
+  def prepare(self, loaded: UnrolledParams) -> _Unrolled:
+    model = nnx.merge(self.graphdef, loaded.params)
+    return _Unrolled(model, nnx.graphdef(model.blocks), loaded.layers)
 
   def init_cache(self, batch: int, length: int) -> LayerCache:
     return LayerCache.init(self.cfg, batch, length)

@@ -406,7 +406,8 @@ class Sampler:
     check_param_tree(params, self._abstract, "params")
     if self.mesh is not None:
       params = jax.device_put(params, parallel.state_shardings(params, self.mesh, self.rules))
-    return params
+    with self._context():
+      return self.forward.load(params)
 
   def _check_state(self, state: SamplerState):
     if not isinstance(state, SamplerState):

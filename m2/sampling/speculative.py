@@ -68,6 +68,11 @@ class Drafter(abc.ABC):
     """Validates the drafter's parameters on the host, before anything compiles."""
     return params
 
+  def load(self, params) -> Any:
+    """On the host, on the checked (and placed) parameters, before each call: what
+    `prepare` gets."""
+    return params
+
   def prepare(self, params, target: nnx.Module) -> Any:
     """Inside jit, once per call before the decode loop; the other methods get
     the result as `params`. target: the target Transformer with its weights
@@ -137,6 +142,9 @@ class ModelDrafter(Drafter):
       params = nnx.state(params)
     check_param_tree(params, self._abstract, "draft_params")
     return params
+
+  def load(self, params):
+    return self.forward.load(params)
 
   def prepare(self, params, target):
     return self.forward.prepare(params)
@@ -213,6 +221,8 @@ class SpeculativeSampler(Sampler):
     if self.mesh is not None:
       draft_params = jax.device_put(
           draft_params, parallel.state_shardings(draft_params, self.mesh, self.rules))
+    with self._context():
+      draft_params = self.drafter.load(draft_params)
     return self._generate((self._check_params(params), draft_params), prompts, sampling,
                           state, cache_length)
 

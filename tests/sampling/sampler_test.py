@@ -164,6 +164,13 @@ def test_params_are_swapped_without_recompiling(model, sampler, full_logits, mak
   assert sampler.num_compiles == before
   assert out.tokens[1].tolist() == greedy_reference(full_logits, other, PROMPTS[1], 10)
   assert out.tokens.tolist() != first.tokens.tolist()  # the new weights were used
+  # The per-layer split (CPU) is kept for the last weights and redone when any leaf changes.
+  params = nnx.state(model)
+  assert sampler._check_params(params).layers is sampler._check_params(params).layers
+  changed = jax.tree.map(lambda x: x, params)
+  changed["blocks"]["mlp"]["down"][...] = other["blocks"]["mlp"]["down"][...]
+  assert (sampler.generate(params, PROMPTS, GREEDY).tokens == first.tokens).all()
+  assert sampler._check_params(changed).layers is not sampler._check_params(params).layers
 
 
 def test_prompt_and_length_buckets_share_one_compile(model, sampler):
@@ -272,8 +279,9 @@ def test_sharded_on_a_2x2x2_mesh_gives_the_single_device_output(model, sampler):
   single = sampler.generate(nnx.state(model), PROMPTS, requests)
   s = Sampler(model, mesh=mesh)
   # The sampler places the parameters by their logical axes ...
-  placed = s._check_params(nnx.state(model))
-  assert len(placed["blocks"]["mlp"]["gate_up"][...].sharding.device_set) == 8
+  placed = s._check_params(nnx.state(model))  # with the layers split out on CPU
+  assert len(placed.params["blocks"]["mlp"]["gate_up"][...].sharding.device_set) == 8
+  assert len(placed.layers[0]["mlp"]["gate_up"][...].sharding.device_set) == 8
   out = s.generate(nnx.state(model), PROMPTS, requests)
   np.testing.assert_array_equal(out.tokens, single.tokens)
   np.testing.assert_allclose(out.logprobs, single.logprobs, atol=1e-5)
