@@ -7,7 +7,7 @@ each layer's slice in place, and this is the right choice.
 `UnrolledForward` runs the same `Block`s in a Python loop over per-layer
 weights and a per-layer cache (`LayerCache`: L separate key and value buffers).
 The weights are sliced out of the stacked parameters by `load`, outside the
-jitted calls, once per parameter version (kept while those parameters live).
+jitted calls, once per parameter version (the last version's split is kept).
 Why: XLA:CPU copies a layer's weights out of the stacked array on every use (a
 dynamic slice inside the scan, or a static slice that is not hoisted out of the
 while loop), and rewrites the stacked cache each step; in a profile of the tiny
