@@ -96,6 +96,18 @@ def test_greedy_with_cache_equals_recompute_and_logprobs_match(model, sampler, f
   assert out.stats["prefill_tokens"] == sum(map(len, PROMPTS))
 
 
+def test_a_single_row_decodes_and_continues_exactly(model, sampler, full_logits):
+  # Batch 1 has its own attention path (the cache as it was plus the new keys,
+  # written after the read).
+  params = nnx.state(model)
+  first = sampler.generate(params, [PROMPTS[0]], GREEDY)
+  assert first.state.cache.batch == 1
+  assert first.token_lists()[0] == greedy_reference(full_logits, params, PROMPTS[0], 10)
+  second = sampler.generate(params, [[11, 12]], GREEDY, state=first.state)
+  history = PROMPTS[0] + first.token_lists()[0] + [11, 12]
+  assert second.token_lists()[0] == greedy_reference(full_logits, params, history, 10)
+
+
 def test_sampled_logprobs_follow_temperature_top_k_top_p(model, sampler, full_logits):
   params = nnx.state(model)
   out = sampler.generate(params, PROMPTS, SAMPLED)
