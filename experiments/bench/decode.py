@@ -442,7 +442,8 @@ def main():
   for case, impl, tps, ratio in rows:
     print(f"{case:<16}{impl:<24}{tps:>10.0f}{(f'{ratio:.2f}x' if ratio else ''):>8}")
   result.update(load_avg_start=round(load_start, 1), load_avg_end=round(os.getloadavg()[0], 1),
-                cpu_cores=os.cpu_count(), platform=jax.devices()[0].platform, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                cpu_cores=os.cpu_count(), platform=jax.devices()[0].platform,
+                xla_flags=os.environ.get("XLA_FLAGS", ""),
                 new_tokens=args.new_tokens, prompt_len=args.prompt_len,
                 num_draft=args.num_draft, draft_dim=args.draft_dim)
   print(json.dumps(result))
