@@ -9,20 +9,30 @@ One run, three parts:
      whole call (prefill included) for `Sampler.generate` and for
      `model.generate`. Greedy outputs are compared token for token.
   2. Speculative vs plain decoding (m2 both), greedy, 128 new tokens: a
-     4-layer target (the shape above, with the byte tokenizer's vocabulary
-     padded to 320) and a small 1-layer draft, trained for --train_steps
-     steps on the same shipped corpus (MTS-Dialog + ACI-Bench
-     training dialogues, de-identified, byte tokenizer; `m2.data.pipelines.
-     lm_dataset` + `m2.train.loop.train`), so that the draft agrees with the
-     target often; and an EAGLE head (`m2.sampling.eagle`, one layer of the
-     draft's width over the target's features) distilled from the target's own
-     continuations of other corpus windows at the temperature part 2 decodes at,
-     0 (`export.draft.train_eagle_head`; `--eagle_temperature`; `--skip_eagle`
-     leaves it out; a head distilled at temperature 1 drafts this greedy text
-     at 2.2 tokens a round, against 4.7). Prompts are 32-byte windows of the
-     corpus. Reports each drafter's speed-up, acceptance rate and tokens per
-     round, and checks that the speculative output equals the plain greedy
-     output.
+     target of 8 layers, d 512 (8/4 heads of 64, mlp 2048; the tiny
+     preset's family with the byte tokenizer's vocabulary padded to 320;
+     `--target_layers 4 --target_dim 256` gives the tiny shape of part 1)
+     and a small 1-layer draft, trained for --train_steps steps on the same
+     shipped corpus (MTS-Dialog + ACI-Bench training dialogues,
+     de-identified, byte tokenizer; `m2.data.pipelines.lm_dataset` +
+     `m2.train.loop.train`), so that the draft agrees with the target often;
+     and an EAGLE head (`m2.sampling.eagle`, one layer of the draft's width
+     over the target's features) distilled from the target's own
+     continuations of other corpus windows at the temperature part 2 decodes
+     at, 0 (`export.draft.train_eagle_head`; `--eagle_temperature`;
+     `--skip_eagle` leaves it out; a head distilled at temperature 1 drafts
+     this greedy text at 2.2 tokens a round, against 4.7). Prompts are
+     32-byte windows of the corpus. Reports each drafter's speed-up,
+     acceptance rate and tokens per round, and checks that the speculative
+     output equals the plain greedy output.
+     Why not the tiny shape by default: speculative decoding pays when a
+     target step costs many draft steps and verifying k + 1 tokens costs
+     about one step, as for the 32B target and its one-layer EAGLE head. The
+     tiny target's 16 MB of weights sit in this CPU's cache, so a draft step
+     costs about a fifth of a target step and XLA's small-M matmuls make the
+     5-token verify cost about two; there a round costs about three plain
+     steps (1.1-1.3x). The 8 x 512 target (123 MB) is read from memory, and
+     its draft step costs about 1/40 of a step.
   3. Multi-turn continuation: a second turn appended to the cached
      conversation vs the same turn recomputed from the whole history.
 
@@ -70,6 +80,9 @@ def parse_args(argv=None):
                  help="trained target and draft (reused when present)")
   p.add_argument("--train_steps", type=int, default=150)
   p.add_argument("--train_batch", type=int, default=8)
+  p.add_argument("--target_layers", type=int, default=8, help="part 2/3 target layers")
+  p.add_argument("--target_dim", type=int, default=512,
+                 help="part 2/3 target d_model (heads of 64, half as many kv heads, mlp 4x)")
   p.add_argument("--draft_dim", type=int, default=128, help="draft d_model (1 layer)")
   p.add_argument("--num_draft", type=int, default=4, help="k, draft tokens per round")
   p.add_argument("--spec_batches", default="1,16", help="batch sizes of part 2")
@@ -240,8 +253,19 @@ def corpus() -> dict[str, list[str]]:
   return docs
 
 
+def target_config(args, vocab_size: int) -> ModelConfig:
+  """The part 2/3 target: the tiny preset's family, --target_layers x --target_dim
+  (4 and 256 give the tiny shape), with the byte tokenizer's vocabulary padded to a
+  multiple of 64 (an 8192-row LM head would cost most of the training time and most
+  of the draft's weights)."""
+  heads = args.target_dim // 64
+  return preset("tiny").replace(vocab_size=-(-vocab_size // 64) * 64, num_layers=args.target_layers,
+                                embed_dim=args.target_dim, num_heads=heads,
+                                num_kv_heads=max(1, heads // 2), mlp_dim=4 * args.target_dim)
+
+
 def train_pair(args):
-  """Target (4 layers) and draft (1 layer) trained on the same corpus; cached in workdir."""
+  """Target and draft (1 layer) trained on the same corpus; cached in workdir."""
   from m2.data.pipelines import lm_dataset
   from m2.data.tokenizers import ByteTokenizer
   from m2.train.checkpoint import Checkpointer
@@ -257,9 +281,7 @@ def train_pair(args):
                           optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=20,
                                                     decay_steps=steps - 20, end_lr_ratio=0.1))
   mesh_cfg = MeshConfig(shape=(1, 1, 1))
-  # The byte vocabulary (259, padded to a multiple of 64): an 8192-row LM head
-  # would cost most of the training time and most of the draft's weights.
-  target_cfg = preset("tiny").replace(vocab_size=-(-tok.vocab_size // 64) * 64)
+  target_cfg = target_config(args, tok.vocab_size)
   draft_cfg = target_cfg.replace(num_layers=1, embed_dim=args.draft_dim,
                                  mlp_dim=4 * args.draft_dim, num_heads=2, num_kv_heads=1)
   models = {}
@@ -297,7 +319,8 @@ def train_eagle(args, tok, texts, target):
                       temperature=args.eagle_temperature, steps=args.train_steps * 2,
                       seed=args.seed, eagle_width=args.draft_dim)
   workdir = os.path.join(args.workdir, f"eagle1_t{cfg.temperature:g}_w{args.draft_dim}"
-                                       f"_s{cfg.steps}_from_target_s{args.train_steps}"
+                                       f"_s{cfg.steps}_from_target_d{args.target_dim}"
+                                       f"_l{args.target_layers}_s{args.train_steps}"
                                        f"_seed{args.seed}")
   rng = np.random.default_rng(args.seed + 3)
   docs = [tok.encode(t) for t in texts if len(t.encode()) > 4 * args.prompt_len]

@@ -186,21 +186,20 @@ class EagleDrafter(Drafter):
     return EagleState(cache, jnp.where(last_real[:, None], hidden[:, -1], state.feature))
 
   def propose(self, ctx, state, token, position, segment, num_tokens, sample):
-    b = token.shape[0]
     seg = segment[:, None]
 
-    def step(i, carry):
-      cache, tok, feat, drafts, logq = carry
+    def step(carry, i):
+      cache, tok, feat = carry
       pred, cache = self._write(ctx, cache, tok[:, None], (position + i)[:, None], seg,
                                 feat[:, None])
       d, lq = sample(ctx.logits(pred[:, 0]), i)
-      return cache, d, pred[:, 0], drafts.at[:, i].set(d), logq.at[:, i].set(lq)
+      return (cache, d, pred[:, 0]), (d, lq)
 
-    init = (state.cache, token, state.feature, jnp.zeros((b, num_tokens), jnp.int32),
-            jnp.zeros((b, num_tokens, self.vocab_size), jnp.float32))
-    cache, _, _, drafts, logq = jax.lax.fori_loop(0, num_tokens, step, init)
+    (cache, _, _), (drafts, logq) = jax.lax.scan(step, (state.cache, token, state.feature),
+                                                 jnp.arange(num_tokens))
     # The drafted slots are rewritten from real features in `commit`: keep the index.
-    return state.replace(cache=cache.replace(index=state.cache.index)), drafts, logq
+    return (state.replace(cache=cache.replace(index=state.cache.index)), drafts.T,
+            jnp.swapaxes(logq, 0, 1))
 
   def commit(self, ctx, state, segments, index, hidden, kept, tokens, positions):
     active = kept > 0

@@ -13,9 +13,10 @@ The tokens a row keeps are distributed exactly as if the target had sampled
 them one at a time. p and q are the *sampling* distributions of the request
 (temperature, top-k, top-p applied to both), so this holds for every request
 option; greedy rows are point masses, and the rule reduces to "accept while
-the draft equals the target's argmax". Where p and q are so close that the
-residual has mass below 1e-6 (a rejection that rare almost never happens),
-the correction is drawn from p itself.
+the draft equals the target's argmax" (an all-greedy batch runs just that,
+without building the [B, k, V] distributions or drawing uniforms). Where p
+and q are so close that the residual has mass below 1e-6 (a rejection that
+rare almost never happens), the correction is drawn from p itself.
 
 Batches: rows accept different numbers of tokens, but the cache has one write
 index. Every row writes its k + 1 verified slots, the index then advances by
@@ -50,7 +51,8 @@ from m2.sampling.sampler import Sampler, SamplerOutput, _emit, _Loop, check_para
 # Residual mass under which the correction token is drawn from p itself.
 _MIN_RESIDUAL = 1e-6
 
-# sample(logits [B, V], i) -> (tokens [B], sampling log-probs [B, V]) for draft token i.
+# sample(logits [B, V], i) -> (tokens [B], sampling log-probs [B, V]) for draft token i;
+# [B, 0] instead when every row is greedy (the acceptance rule then needs the tokens only).
 SampleFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
@@ -156,21 +158,18 @@ class ModelDrafter(Drafter):
     return self.forward(ctx, tokens, positions, segments, cache)[1]
 
   def propose(self, ctx, cache, token, position, segment, num_tokens, sample):
-    b = token.shape[0]
     seg = segment[:, None]
 
-    def step(i, carry):
-      cache, x, drafts, logq = carry
+    def step(carry, i):
+      cache, x = carry
       h, cache = self.forward(ctx, x[:, None], (position + i)[:, None], seg, cache)
       d, lq = sample(self.forward.logits(ctx, h)[:, 0], i)
-      return cache, d, drafts.at[:, i].set(d), logq.at[:, i].set(lq)
+      return (cache, d), (d, lq)
 
-    init = (cache, token, jnp.zeros((b, num_tokens), jnp.int32),
-            jnp.zeros((b, num_tokens, self.vocab_size), jnp.float32))
-    cache, last, drafts, logq = jax.lax.fori_loop(0, num_tokens, step, init)
+    (cache, last), (drafts, logq) = jax.lax.scan(step, (cache, token), jnp.arange(num_tokens))
     # d_k's keys too (no LM head), so that a fully accepted round leaves no gap.
     cache = self.forward(ctx, last[:, None], (position + num_tokens)[:, None], seg, cache)[1]
-    return cache, drafts, logq
+    return cache, drafts.T, jnp.swapaxes(logq, 0, 1)
 
   def commit(self, ctx, cache, segments, index, hidden, kept, tokens, positions):
     return cache.replace(segments=segments, index=index)
@@ -259,35 +258,12 @@ class SpeculativeSampler(Sampler):
             "tokens_per_round": int(stats["round_tokens"].sum()) / rounds if rounds
             else float("nan")}
 
-  def _step(self, ctx, loop: _Loop, features: Features) -> _Loop:
-    """One round: draft k, verify k + 1 in one target pass, accept, correct."""
-    target, draft = ctx
+  def _accept(self, logits, drafts, logq, rows, features, pos):
+    """The rejection rule; returns (accepted count n [B], tokens [B, k + 1] whose first
+    n + 1 are kept, their sampling log-probs)."""
     k = self.num_draft_tokens
-    st = loop.state
-    rows = loop.rows
-    active = ~loop.done
-    seg = active.astype(jnp.int32)
-    pos, index = st.next_position, st.cache.index
     seeds = rows.seed
-
-    def sample_draft(logits, i):
-      logq = processing.sampling_logprobs(logits, rows, features)
-      if not features.sample:
-        return processing.argmax(logits), logq
-      u = processing.uniforms(seeds, pos + 1 + i, processing.DRAFT)
-      return processing.draw(logq, u), logq
-
-    draft_state, drafts, logq = self.drafter.propose(draft, st.draft, st.pending, pos, seg, k,
-                                                     sample_draft)
-
-    # Verify: the target scores cur and the k drafts in one pass.
-    fed = jnp.concatenate([st.pending[:, None], drafts], axis=1)  # [B, k + 1]
-    positions = pos[:, None] + jnp.arange(k + 1)
-    segments = jnp.broadcast_to(seg[:, None], fed.shape)
-    hidden, cache = self.forward(target, fed, positions, segments, st.cache)
-    logits = self.forward.logits(target, hidden)  # [B, k + 1, V]
     logp = processing.sampling_logprobs(logits, rows, features)
-
     # Accept d_i with probability min(1, p_i(d_i) / q_i(d_i)), up to the first rejection.
     p_d = jnp.exp(processing.token_logprob(logp[:, :k], drafts))
     q_d = jnp.exp(processing.token_logprob(logq, drafts))
@@ -302,15 +278,45 @@ class SpeculativeSampler(Sampler):
     residual = jnp.maximum(p_next - jnp.where((n < k)[:, None], q_next, 0.0), 0.0)
     mass = jnp.sum(residual, axis=-1, keepdims=True)
     dist = jnp.where(mass > _MIN_RESIDUAL, residual / jnp.maximum(mass, 1e-30), p_next)
-    if features.sample:
-      u_next = processing.uniforms(seeds, pos + n + 1, processing.SAMPLE)
-      nxt = processing.draw(jnp.log(dist), u_next)
-    else:
-      nxt = processing.argmax(dist)
-
+    u_next = processing.uniforms(seeds, pos + n + 1, processing.SAMPLE)
+    nxt = processing.draw(jnp.log(dist), u_next)
     j = jnp.arange(k + 1)
     emitted = jnp.where(j < n[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])
-    lp = processing.token_logprob(logp, emitted)  # the kept tokens' distribution is p
+    return n, emitted, processing.token_logprob(logp, emitted)  # the kept tokens' law is p
+
+  def _step(self, ctx, loop: _Loop, features: Features) -> _Loop:
+    """One round: draft k, verify k + 1 in one target pass, accept, correct."""
+    target, draft = ctx
+    k = self.num_draft_tokens
+    st = loop.state
+    rows = loop.rows
+    active = ~loop.done
+    seg = active.astype(jnp.int32)
+    pos, index = st.next_position, st.cache.index
+    seeds = rows.seed
+
+    def sample_draft(logits, i):
+      if not features.sample:  # all greedy: the rule below needs the tokens only
+        return processing.argmax(logits), jnp.zeros(logits.shape[:1] + (0,), jnp.float32)
+      logq = processing.sampling_logprobs(logits, rows, features)
+      u = processing.uniforms(seeds, pos + 1 + i, processing.DRAFT)
+      return processing.draw(logq, u), logq
+
+    draft_state, drafts, logq = self.drafter.propose(draft, st.draft, st.pending, pos, seg, k,
+                                                     sample_draft)
+
+    # Verify: the target scores cur and the k drafts in one pass.
+    fed = jnp.concatenate([st.pending[:, None], drafts], axis=1)  # [B, k + 1]
+    positions = pos[:, None] + jnp.arange(k + 1)
+    segments = jnp.broadcast_to(seg[:, None], fed.shape)
+    hidden, cache = self.forward(target, fed, positions, segments, st.cache)
+    logits = self.forward.logits(target, hidden)  # [B, k + 1, V]
+    if features.sample:
+      n, emitted, lp = self._accept(logits, drafts, logq, rows, features, pos)
+    else:  # the exact rule on point masses: keep drafts while they equal the target's argmax
+      emitted = processing.argmax(logits)  # [B, k + 1]
+      n = jnp.sum(jnp.cumprod((drafts == emitted[:, :k]).astype(jnp.int32), axis=1), axis=1)
+      lp = jnp.zeros(emitted.shape, jnp.float32)
     plp = processing.policy_logprobs(logits, emitted)
     loop, kept = _emit(loop.replace(state=st.replace(cache=cache)), emitted, lp, plp,
                        jnp.where(active, n + 1, 0))

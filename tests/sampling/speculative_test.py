@@ -65,6 +65,7 @@ def test_greedy_speculative_equals_target_greedy_token_for_token(target, plain):
   assert mixed.stats["cache_length"] == 64 and mixed.stats["compactions"] >= 1
   np.testing.assert_array_equal(mixed.tokens, ref.tokens)
   np.testing.assert_allclose(mixed.policy_logprobs, ref.policy_logprobs, atol=1e-5)
+  np.testing.assert_array_equal(mixed.logprobs, ref.logprobs)  # greedy: point masses, 0
   assert 0 < mixed.stats["acceptance_rate"] < 1
   # Stop tokens end rows inside a round; the conversations then continue.
   stop = int(ref.tokens[0, 4])
