@@ -50,9 +50,9 @@ made batch-1 decoding about 2.5x slower here (small matmuls, one token at a
 time); `--xla_cpu_flags=...` appends flags to XLA_FLAGS; the run prints what
 it used.
 
-Command (2-core CPU shared with other work, load average ~8: about 12 minutes
-the first time, when it trains the target and draft into --workdir (~7 min);
-about 5 minutes after that):
+Command (2-core EPYC: about 16 minutes the first time, when it trains the
+target, draft and EAGLE head into --workdir (~6 min); about 10 minutes after
+that):
     /tmp/venv/bin/python experiments/bench/decode.py
 """
 
