@@ -8,10 +8,10 @@ One run, three parts:
      KV cache on, batch 1 and 16. tokens/s = batch * 128 / wall time of the
      whole call (prefill included) for `Sampler.generate` and for
      `model.generate`. Greedy outputs are compared token for token.
-  2. Speculative vs plain decoding (m2 both), greedy, 128 new tokens: a
-     target of 8 layers, d 512 (8/4 heads of 64, mlp 2048; the tiny
-     preset's family with the byte tokenizer's vocabulary padded to 320;
-     `--target_layers 4 --target_dim 256` gives the tiny shape of part 1)
+  2. Speculative vs plain decoding (m2 both), greedy, 128 new tokens, for each
+     target of `--targets` (LAYERSxDIM; default 8x512, then the tiny shape
+     4x256 of part 1): the tiny preset's family (heads of 64, half as many kv
+     heads, mlp 4 x DIM) with the byte tokenizer's vocabulary padded to 320,
      and a small 1-layer draft, trained for --train_steps steps on the same
      shipped corpus (MTS-Dialog + ACI-Bench training dialogues,
      de-identified, byte tokenizer; `m2.data.pipelines.lm_dataset` +
@@ -20,19 +20,19 @@ One run, three parts:
      over the target's features) distilled from the target's own
      continuations of other corpus windows at the temperature part 2 decodes
      at, 0 (`export.draft.train_eagle_head`; `--eagle_temperature`;
-     `--skip_eagle` leaves it out; a head distilled at temperature 1 drafts
-     this greedy text at 2.2 tokens a round, against 4.7). Prompts are
-     32-byte windows of the corpus. Reports each drafter's speed-up,
-     acceptance rate and tokens per round, and checks that the speculative
-     output equals the plain greedy output.
-     Why not the tiny shape by default: speculative decoding pays when a
-     target step costs many draft steps and verifying k + 1 tokens costs
-     about one step, as for the 32B target and its one-layer EAGLE head. The
-     tiny target's 16 MB of weights sit in this CPU's cache, so a draft step
-     costs about a fifth of a target step and XLA's small-M matmuls make the
-     5-token verify cost about two; there a round costs about three plain
-     steps (1.1-1.3x). The 8 x 512 target (123 MB) is read from memory, and
-     its draft step costs about 1/40 of a step.
+     `--skip_eagle` leaves it out; on the tiny target, a head distilled at
+     temperature 1 drafts this greedy text at 2.2 tokens a round, against
+     4.7). Prompts are 32-byte windows of the corpus. Reports each drafter's
+     speed-up, acceptance rate and tokens per round, and checks that the
+     speculative output equals the plain greedy output. JSON keys of later
+     targets end in `_t{LAYERSxDIM}`.
+     Why two targets: speculative decoding pays when a target step costs
+     many draft steps and verifying k + 1 tokens costs about one step, as for
+     the 32B target and its one-layer EAGLE head. The 8x512 target (123 MB of
+     weights, read from memory at each step) is in that regime. The tiny
+     target's 16 MB sit in this CPU's cache: there an EAGLE draft step costs
+     about a fifth of a target step, and XLA:CPU's small-M matmuls make the
+     5-token verify cost about two, so a round costs about three plain steps.
   3. Multi-turn continuation: a second turn appended to the cached
      conversation vs the same turn recomputed from the whole history.
 
@@ -80,9 +80,9 @@ def parse_args(argv=None):
                  help="trained target and draft (reused when present)")
   p.add_argument("--train_steps", type=int, default=150)
   p.add_argument("--train_batch", type=int, default=8)
-  p.add_argument("--target_layers", type=int, default=8, help="part 2/3 target layers")
-  p.add_argument("--target_dim", type=int, default=512,
-                 help="part 2/3 target d_model (heads of 64, half as many kv heads, mlp 4x)")
+  p.add_argument("--targets", default="8x512,4x256",
+                 help="part 2 targets, LAYERSxDIM each (heads of 64, half as many kv heads, "
+                      "mlp 4x); part 3 uses the first")
   p.add_argument("--draft_dim", type=int, default=128, help="draft d_model (1 layer)")
   p.add_argument("--num_draft", type=int, default=4, help="k, draft tokens per round")
   p.add_argument("--spec_batches", default="1,16", help="batch sizes of part 2")
@@ -253,18 +253,25 @@ def corpus() -> dict[str, list[str]]:
   return docs
 
 
-def target_config(args, vocab_size: int) -> ModelConfig:
-  """The part 2/3 target: the tiny preset's family, --target_layers x --target_dim
-  (4 and 256 give the tiny shape), with the byte tokenizer's vocabulary padded to a
-  multiple of 64 (an 8192-row LM head would cost most of the training time and most
-  of the draft's weights)."""
-  heads = args.target_dim // 64
-  return preset("tiny").replace(vocab_size=-(-vocab_size // 64) * 64, num_layers=args.target_layers,
-                                embed_dim=args.target_dim, num_heads=heads,
-                                num_kv_heads=max(1, heads // 2), mlp_dim=4 * args.target_dim)
+def target_config(shape: str, vocab_size: int) -> ModelConfig:
+  """A part 2/3 target, shape "LAYERSxDIM": the tiny preset's family (4x256 is its
+  shape), with the byte tokenizer's vocabulary padded to a multiple of 64 (an
+  8192-row LM head would cost most of the training time and most of the draft's
+  weights)."""
+  try:
+    layers, dim = map(int, shape.lower().split("x"))
+  except ValueError:
+    raise SystemExit(f"--targets: {shape!r} is not LAYERSxDIM, e.g. 8x512") from None
+  if dim % 128:
+    raise SystemExit(f"--targets: {shape!r}: DIM must be a multiple of 128 (heads of 64, "
+                     f"half as many kv heads)")
+  heads = dim // 64
+  return preset("tiny").replace(vocab_size=-(-vocab_size // 64) * 64, num_layers=layers,
+                                embed_dim=dim, num_heads=heads, num_kv_heads=heads // 2,
+                                mlp_dim=4 * dim)
 
 
-def train_pair(args):
+def train_pair(args, shape: str):
   """Target and draft (1 layer) trained on the same corpus; cached in workdir."""
   from m2.data.pipelines import lm_dataset
   from m2.data.tokenizers import ByteTokenizer
@@ -281,7 +288,7 @@ def train_pair(args):
                           optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=20,
                                                     decay_steps=steps - 20, end_lr_ratio=0.1))
   mesh_cfg = MeshConfig(shape=(1, 1, 1))
-  target_cfg = target_config(args, tok.vocab_size)
+  target_cfg = target_config(shape, tok.vocab_size)
   draft_cfg = target_cfg.replace(num_layers=1, embed_dim=args.draft_dim,
                                  mlp_dim=4 * args.draft_dim, num_heads=2, num_kv_heads=1)
   models = {}
@@ -319,8 +326,8 @@ def train_eagle(args, tok, texts, target):
                       temperature=args.eagle_temperature, steps=args.train_steps * 2,
                       seed=args.seed, eagle_width=args.draft_dim)
   workdir = os.path.join(args.workdir, f"eagle1_t{cfg.temperature:g}_w{args.draft_dim}"
-                                       f"_s{cfg.steps}_from_target_d{args.target_dim}"
-                                       f"_l{args.target_layers}_s{args.train_steps}"
+                                       f"_s{cfg.steps}_from_target_d{target.cfg.embed_dim}"
+                                       f"_l{target.cfg.num_layers}_s{args.train_steps}"
                                        f"_seed{args.seed}")
   rng = np.random.default_rng(args.seed + 3)
   docs = [tok.encode(t) for t in texts if len(t.encode()) > 4 * args.prompt_len]
@@ -339,7 +346,8 @@ def train_eagle(args, tok, texts, target):
   return D.eagle_drafter(target.cfg, params)
 
 
-def part2(args, tok, texts, target, drafters: dict, rows: list, result: dict):
+def part2(args, tok, texts, target, drafters: dict, rows: list, result: dict, label: str,
+          key_suffix: str):
   """drafters: name -> (Drafter, its params); each races plain decoding."""
   k = args.num_draft
   greedy = SamplingParams(temperature=0.0, max_new_tokens=args.new_tokens)
@@ -365,8 +373,8 @@ def part2(args, tok, texts, target, drafters: dict, rows: list, result: dict):
     med = {name: statistics.median(v) for name, v in timed_rounds(contenders,
                                                                   args.repeats).items()}
     n = batch * args.new_tokens
-    rows.append((f"trained b{batch}", "m2 plain", n / med["plain"], None))
-    print(f"batch {batch}: plain {med['plain'] * 1e3:.0f} ms")
+    rows.append((f"{label} b{batch}", "m2 plain", n / med["plain"], None))
+    print(f"target {label}, batch {batch}: plain {med['plain'] * 1e3:.0f} ms")
     for name, out in outs.items():
       same = bool((ref.tokens == out.tokens).all())
       speedup = med["plain"] / med[name]
@@ -375,12 +383,13 @@ def part2(args, tok, texts, target, drafters: dict, rows: list, result: dict):
             f"{st['acceptance_rate']:.1%}, {st['tokens_per_round']:.2f} tokens/round, "
             f"{st['rounds']} rounds, {st['compactions']} compactions; identical to plain "
             f"greedy: {same}")
-      rows.append((f"trained b{batch}", f"m2 {name} k={k}", n / med[name], speedup))
-      suffix = "" if name == "draft" else f"_{name}"
-      result[f"spec{suffix}_speedup_b{batch}"] = round(speedup, 3)
-      result[f"spec{suffix}_acceptance_b{batch}"] = round(st["acceptance_rate"], 4)
-      result[f"spec{suffix}_tokens_per_round_b{batch}"] = round(st["tokens_per_round"], 3)
-      result[f"spec{suffix}_identical_b{batch}"] = same
+      rows.append((f"{label} b{batch}", f"m2 {name} k={k}", n / med[name], speedup))
+      spec = "spec" if name == "draft" else f"spec_{name}"
+      end = f"_b{batch}{key_suffix}"
+      result[f"{spec}_speedup{end}"] = round(speedup, 3)
+      result[f"{spec}_acceptance{end}"] = round(st["acceptance_rate"], 4)
+      result[f"{spec}_tokens_per_round{end}"] = round(st["tokens_per_round"], 3)
+      result[f"{spec}_identical{end}"] = same
     if batch == 1:
       out = outs["draft"]
       print(f"  sample: {tok.decode(prompts[0])!r} -> {tok.decode(out.token_lists()[0])!r}")
@@ -449,14 +458,17 @@ def main():
   parts = set(args.parts.split(","))
   if "1" in parts:
     part1(args, rows, result)
-  if parts & {"2", "3"}:
-    tok, texts, target, draft = train_pair(args)
+  shapes = args.targets.split(",")
+  for i, shape in enumerate(shapes if "2" in parts else shapes[:1] if "3" in parts else []):
+    tok, texts, target, draft = train_pair(args, shape)
     if "2" in parts:
       drafters = {"draft": (ModelDrafter(draft), nnx.state(draft))}
       if not args.skip_eagle:
         drafters["eagle"] = train_eagle(args, tok, texts, target)
-      part2(args, tok, texts, target, drafters, rows, result)
-    if "3" in parts:
+      # JSON keys of the first target carry no suffix.
+      part2(args, tok, texts, target, drafters, rows, result, shape,
+            f"_t{shape}" if i else "")
+    if "3" in parts and i == 0:
       part3(args, tok, texts, target, rows, result)
 
   hdr = f"{'case':<16}{'impl':<24}{'tok/s':>10}{'ratio':>8}"
