@@ -50,8 +50,8 @@ made batch-1 decoding about 2.5x slower here (small matmuls, one token at a
 time); `--xla_cpu_flags=...` appends flags to XLA_FLAGS; the run prints what
 it used.
 
-Command (2-core EPYC: about 16 minutes the first time, when it trains the
-target, draft and EAGLE head into --workdir (~6 min); about 10 minutes after
+Command (2-core EPYC: about 14 minutes the first time, when it trains the
+targets, draft and EAGLE heads into --workdir (~7 min); about 7 minutes after
 that):
     /tmp/venv/bin/python experiments/bench/decode.py
 """
