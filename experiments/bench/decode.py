@@ -33,8 +33,9 @@ One run, three parts:
      target's 16 MB sit in this CPU's cache: there an EAGLE draft step costs
      about a fifth of a target step, and XLA:CPU's small-M matmuls make the
      5-token verify cost about two, so a round costs about three plain steps.
-  3. Multi-turn continuation: a second turn appended to the cached
-     conversation vs the same turn recomputed from the whole history.
+  3. Multi-turn continuation, on the first target: a second turn appended to
+     the cached conversation vs the same turn recomputed from the whole
+     history.
 
 Timing: compile first, then two untimed rounds (the first calls after a compile
 often run ~2x slower here), then `--repeats` rounds; in each round every
