@@ -91,6 +91,13 @@ def test_greedy_speculative_equals_target_greedy_token_for_token(target, plain):
   history = [PROMPTS[0] + first.token_lists()[0] + [9], PROMPTS[1], PROMPTS[2]]
   assert nxt.token_lists()[0] == plain.generate(params, history, GREEDY).token_lists()[0]
   assert spec.num_compiles == 1
+  # Greedy rows beside a sampled one go through the general rejection rule (the
+  # all-greedy shortcut is off): still the target's greedy tokens.
+  sampled = dataclasses.replace(GREEDY, temperature=1.0, seed=3)
+  out = spec.generate(params, PROMPTS, [GREEDY, sampled, GREEDY],
+                      draft_params=perturbed(params, 0.2))
+  assert out.token_lists()[::2] == plain.generate(params, PROMPTS, GREEDY).token_lists()[::2]
+  np.testing.assert_array_equal(out.logprobs[::2], 0.0)
 
 
 def test_bad_drafts_are_refused_before_compiling(target):
