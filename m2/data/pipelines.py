@@ -85,17 +85,8 @@ def load_data_tokenizer(cfg: DataConfig, hf_checkpoint: str = ""):
   SentencePiece spec ("sp:8192") is trained on this config's data into its cache."""
   from m2.data import tokenizers
 
-  spec = cfg.tokenizer or hf_checkpoint or "byte"
-  if spec == "sp" or spec.startswith("sp:"):
-    parts = spec.split(":")
-    try:
-      vocab = int(parts[1]) if len(parts) > 1 else 8192
-    except ValueError:
-      raise ValueError(f"bad tokenizer spec {spec!r}: want sp:<vocab size>[:bpe|unigram]") from None
-    return tokenizers.corpus_sentencepiece(
-        cfg.cache_dir or None, vocab_size=vocab, model_type=parts[2] if len(parts) > 2 else "bpe",
-        data_dir=cfg.data_dir or None)
-  return tokenizers.load_tokenizer(spec)
+  return tokenizers.load_tokenizer(cfg.tokenizer or hf_checkpoint or "byte",
+                                   cache_dir=cfg.cache_dir or None, data_dir=cfg.data_dir or None)
 
 
 def _read_options(threads: int) -> grain.ReadOptions:

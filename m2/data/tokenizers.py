@@ -382,20 +382,23 @@ def qwen_tokenizer(cache_dir: str | None = None) -> HFTokenizer:
   return HFTokenizer(folder)
 
 
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str, cache_dir: str | None = None, data_dir: str | None = None):
   """"byte", "qwen2.5", "sp[:vocab[:bpe|unigram]]", a .model file, or a folder
-  holding tokenizer.json (HF) or tokenizer.model (SentencePiece)."""
+  holding tokenizer.json (HF) or tokenizer.model (SentencePiece). `cache_dir` and
+  `data_dir` say where converted or corpus-trained tokenizers live and what the
+  latter train on (defaults: m2's cache, the shared data)."""
   if spec == "byte":
     return ByteTokenizer()
   if spec in ("qwen", "qwen2.5"):
-    return qwen_tokenizer()
+    return qwen_tokenizer(cache_dir)
   if spec == "sp" or spec.startswith("sp:"):
     parts = spec.split(":")
     try:
       vocab = int(parts[1]) if len(parts) > 1 else 8192
     except ValueError:
       raise ValueError(f"bad tokenizer spec {spec!r}: want sp:<vocab size>[:bpe|unigram]") from None
-    return corpus_sentencepiece(vocab_size=vocab, model_type=parts[2] if len(parts) > 2 else "bpe")
+    return corpus_sentencepiece(cache_dir, vocab_size=vocab, data_dir=data_dir,
+                                model_type=parts[2] if len(parts) > 2 else "bpe")
   if spec.endswith(".model") and os.path.isfile(spec):
     return SentencePieceTokenizer(spec)
   if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "tokenizer.json")) and \
