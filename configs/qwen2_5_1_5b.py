@@ -3,7 +3,10 @@ r"""Qwen2.5-1.5B on one GPU (80 GB): every stage of the pipeline at a size one d
   python -m m2.main --config=configs/qwen2_5_1_5b.py --workdir=runs/qwen1_5b \
       --config.model.hf_checkpoint=/models/Qwen2.5-1.5B
 
-The stages are tiny.py's, at real budgets; the verifier roles are the reference
+The stages are tiny.py's, at real budgets. Each optimizer step runs as micro-batches of
+about 8k tokens (`train.microbatches`), which keeps every training stage within one
+80 GB GPU: `python -m m2.tools.memory --config=configs/qwen2_5_1_5b.py --stage=rl_rubric`
+shows a stage's plan. The verifier roles are the reference
 backends unless `config.verifier` names model checkpoints, e.g.
   --config.verifier.grader=model --config.verifier.grader_checkpoint=/models/Qwen2.5-7B-Instruct
 
@@ -40,15 +43,15 @@ def get_config():
       mix=dict(medical=2.0, general=2.0, math=1.0),
       domains=dict(medical=MEDICAL, general=(), math=("math",)),   # general: "name=glob"
       mix_batches=256,
-      train=dict(steps=500, batch_size=16, seq_len=2048, log_every=10, save_every=100,
-                 eval_every=100, eval_batches=8, keep_checkpoints=2, seed=0,
+      train=dict(steps=500, batch_size=16, seq_len=2048, microbatches=4, log_every=10,
+                 save_every=100, eval_every=100, eval_batches=8, keep_checkpoints=2, seed=0,
                  optimizer=dict(learning_rate=2e-5, warmup_steps=25, decay_steps=475,
                                 end_lr_ratio=0.1, weight_decay=0.1, grad_clip_norm=1.0)),
   ))
   c.sft = ml_collections.ConfigDict(dict(
       sources=("mts_dialog", "aci_bench"), thinking_mode="off", system="", pack=True,
-      train=dict(steps=300, batch_size=16, seq_len=2048, log_every=10, save_every=100,
-                 eval_every=100, eval_batches=8, keep_checkpoints=2, seed=0,
+      train=dict(steps=300, batch_size=16, seq_len=2048, microbatches=4, log_every=10,
+                 save_every=100, eval_every=100, eval_batches=8, keep_checkpoints=2, seed=0,
                  optimizer=dict(learning_rate=1e-5, warmup_steps=15, decay_steps=285,
                                 end_lr_ratio=0.1, weight_decay=0.1, grad_clip_norm=1.0)),
   ))
@@ -60,7 +63,7 @@ def get_config():
       max_keep_per_prompt=2, max_prompt_len=512, max_new_tokens=512, temperature=1.0,
       thinking_mode="off", system="",
       reward=dict(weights=dict(correct=1.0, format=0.2, safety=0.5)),
-      train=dict(rl_train, steps=100, batch_size=32, seq_len=1024,
+      train=dict(rl_train, steps=100, batch_size=32, seq_len=1024, microbatches=8,
                  optimizer=dict(rl_optimizer, learning_rate=5e-6))))
   grpo = dict(group_size=8, epsilon=0.2, epsilon_high=0.28, loss_agg_mode="token-mean",
               norm_adv_by_std=False, beta=0.0, tis_cap=2.0, dynamic_sampling=True,
@@ -70,14 +73,14 @@ def get_config():
       sources=("mediq_qa", "pubmedqa", "math"), max_prompt_len=512, max_new_tokens=512,
       temperature=1.0, top_p=1.0, thinking_mode="off", system="", grpo=grpo,
       reward=dict(weights=dict(correct=1.0, format=0.5, safety=0.5)),
-      train=dict(rl_train, steps=200, batch_size=32, seq_len=1024)))
+      train=dict(rl_train, steps=200, batch_size=32, seq_len=1024, microbatches=8)))
   c.rl_rubric = ml_collections.ConfigDict(dict(c.rl_rule.to_dict(),
       sources=("agentclinic", "mediq"), max_new_tokens=768,
       reward=dict(weights=dict(rubric=1.0, format=0.2, safety=0.5))))
-  c.rl_rubric.train.update(steps=100, seq_len=2048)
+  c.rl_rubric.train.update(steps=100, seq_len=2048, microbatches=16)
   c.rl_multiturn = ml_collections.ConfigDict(dict(c.rl_rubric.to_dict(), max_turns=8,
                                                   max_new_tokens=256, length_multiple=512))
-  c.rl_multiturn.train.update(steps=100, batch_size=16, seq_len=4096)
+  c.rl_multiturn.train.update(steps=100, batch_size=16, seq_len=4096, microbatches=16)
   c.eval = ml_collections.ConfigDict(dict(
       before="auto", healthbench=True, healthbench_subsets=("oss_eval",), healthbench_limit=0,
       consult=True, consult_sources=("agentclinic", "mediq"), consult_limit=0, max_turns=8,

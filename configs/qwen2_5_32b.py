@@ -31,19 +31,21 @@ TEST_SPLITS = ("pubmedqa:test", "mts_dialog:test1", "mts_dialog:test2", "aci_ben
                "aci_bench:test2", "aci_bench:test3")
 MEDICAL = ("agentclinic", "mediq_qa", "mts_dialog", "aci_bench", "pubmedqa", "cmtmedqa")
 
-# (mesh shape over (data, fsdp, tensor), param_dtype, global batch)
+# (mesh shape over (data, fsdp, tensor), param_dtype, global batch, RL micro-batches)
 _MESHES = {
     # fp32 master weights + Adam need 16 B/param = 525 GB: more than 8 x 80 GB
     # holds with activations, so this mesh keeps weights and moments in bf16.
-    "h100x8": ((1, 8, 1), "bfloat16", 8),
-    "v5p64": ((1, -1, 1), "float32", 32),
+    "h100x8": ((1, 8, 1), "bfloat16", 8, 16),
+    "v5p64": ((1, -1, 1), "float32", 32, 4),
 }
+# RL updates train on 128 sequences of 4096 tokens (64 prompts x 16 samples / 8
+# minibatches); the micro-batches above give each device one sequence at a time.
 
 
 def get_config(arg: str = "h100x8"):
   if arg not in _MESHES:
     raise ValueError(f"unknown mesh {arg!r}; choose one of {sorted(_MESHES)}")
-  shape, param_dtype, batch = _MESHES[arg]
+  shape, param_dtype, batch, rl_micro = _MESHES[arg]
   c = ml_collections.ConfigDict()
   c.stages = ("midtrain", "sft", "sft_rs", "rl_rule", "rl_rubric", "rl_multiturn", "eval",
               "export")
@@ -83,7 +85,7 @@ def get_config(arg: str = "h100x8"):
       max_keep_per_prompt=2, max_prompt_len=1024, max_new_tokens=2048, temperature=1.0,
       thinking_mode="auto", system="",
       reward=dict(weights=dict(correct=1.0, format=0.2, safety=0.5)),
-      train=dict(rl_train, steps=100, batch_size=64, seq_len=4096,
+      train=dict(rl_train, steps=100, batch_size=64, seq_len=4096, microbatches=rl_micro,
                  optimizer=dict(rl_optimizer, learning_rate=2e-6))))
   grpo = dict(group_size=16, epsilon=0.2, epsilon_high=0.28, loss_agg_mode="token-mean",
               norm_adv_by_std=False, beta=0.0, tis_cap=2.0, dynamic_sampling=True,
@@ -93,14 +95,15 @@ def get_config(arg: str = "h100x8"):
       sources=("mediq_qa", "pubmedqa", "math"), max_prompt_len=1024, max_new_tokens=2048,
       temperature=1.0, top_p=1.0, thinking_mode="auto", system="", grpo=grpo,
       reward=dict(weights=dict(correct=1.0, format=0.5, safety=0.5)),
-      train=dict(rl_train, steps=300, batch_size=64, seq_len=4096)))
+      train=dict(rl_train, steps=300, batch_size=64, seq_len=4096, microbatches=rl_micro)))
   c.rl_rubric = ml_collections.ConfigDict(dict(c.rl_rule.to_dict(),
       sources=("agentclinic", "mediq"), reward=dict(weights=dict(rubric=1.0, format=0.2,
                                                                  safety=0.5))))
   c.rl_rubric.train.update(steps=200)
   c.rl_multiturn = ml_collections.ConfigDict(dict(c.rl_rubric.to_dict(), max_turns=10,
                                                   max_new_tokens=512, length_multiple=1024))
-  c.rl_multiturn.train.update(steps=200, batch_size=32, seq_len=8192)
+  c.rl_multiturn.train.update(steps=200, batch_size=32, seq_len=8192,
+                              microbatches=rl_micro // 2)
   c.eval = ml_collections.ConfigDict(dict(
       before="auto", healthbench=True, healthbench_subsets=("oss_eval",), healthbench_limit=0,
       consult=True, consult_sources=("agentclinic", "mediq"), consult_limit=0, max_turns=10,

@@ -276,7 +276,8 @@ def eagle_loss(model, batch, cls_weight: float):
   tokens = jnp.maximum(mask.sum(), 1.0)
   mean = lambda x: (x * mask).sum() / tokens  # noqa: E731
   return (mean(feature_loss + cls_weight * nll),
-          {"tokens": mask.sum(), "feature_loss": mean(feature_loss), "token_nll": mean(nll)})
+          {"tokens": mask.sum(), "weight": mask.sum(), "feature_loss": mean(feature_loss),
+           "token_nll": mean(nll)})
 
 
 def distill_eagle(target_cfg, target_params, tokenizer, workdir: str, cfg: DraftConfig, *,

@@ -306,7 +306,11 @@ def grpo_loss(model, batch: Mapping[str, jax.Array], cfg: GRPOConfig):
       logp, batch["advantages"], batch["loss_mask"], cfg, old_logp=batch.get("old_logp"),
       sampler_logp=batch.get("sampler_logp"), ref_logp=batch.get("ref_logp"),
       entropy=jax.lax.stop_gradient(entropy) if not cfg.entropy_coef else entropy)
-  metrics["tokens"] = batch["loss_mask"].astype(jnp.float32).sum()
+  mask = batch["loss_mask"].astype(jnp.float32)
+  metrics["tokens"] = mask.sum()
+  # What the loss is a mean over, for gradient accumulation (`m2.train.state.accumulate`).
+  metrics["weight"] = (mask.sum() if cfg.loss_agg_mode == "token-mean"
+                       else (mask.sum(axis=-1) > 0).sum().astype(jnp.float32))
   return loss, metrics
 
 

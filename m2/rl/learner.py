@@ -28,7 +28,8 @@ from m2.model import ModelConfig, Transformer
 from m2.rl.grpo import GRPOConfig, grpo_loss
 from m2.train.checkpoint import to_arrays
 from m2.train.optimizer import OptimizerConfig, make_optimizer
-from m2.train.state import abstract_train_state, init_train_state, make_train_step
+from m2.train.state import (abstract_train_state, init_train_state, make_train_step,
+                            split_microbatches)
 
 LENGTH_MULTIPLE = 32   # learner sequence lengths are padded to this (bounds recompiles)
 
@@ -116,8 +117,12 @@ class GRPOLearner:
 
   def __init__(self, model_cfg: ModelConfig, cfg: GRPOConfig, opt_cfg: OptimizerConfig,
                mesh, rules=parallel.DEFAULT_RULES, *, init_params: nnx.State | None = None,
-               seed: int = 0, state=None):
+               seed: int = 0, state=None, microbatches: int = 1):
+    """`microbatches`: each minibatch runs as this many sequential pieces
+    (`TrainConfig.microbatches`), and the old and reference log-prob passes over
+    the whole batch in pieces of the same size."""
     self.model_cfg, self.cfg, self.mesh, self.rules = model_cfg, cfg, mesh, tuple(rules)
+    self.microbatches = microbatches
     self.tx = make_optimizer(opt_cfg)
     self.make_model = lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed))  # noqa: E731
     if state is None:
@@ -130,9 +135,11 @@ class GRPOLearner:
       _, self.shardings = abstract_train_state(self.make_model, self.tx, mesh, self.rules)
     self.state = state
     self._step = make_train_step(self.graphdef, self.tx, functools.partial(grpo_loss, cfg=cfg),
-                                 mesh, self.shardings, self.rules)
+                                 mesh, self.shardings, self.rules, microbatches)
     self.batch_sharding = parallel.data_sharding(mesh, self.rules)
     self.data_shards = parallel.batch_shards(mesh, self.rules)
+    # A learner batch splits into whole minibatches of whole micro-batches on every shard.
+    self.row_multiple = self.data_shards * cfg.num_minibatches * microbatches
     # The reference policy exists only when the KL term is on.
     self.ref_params = None
     if cfg.beta > 0:
@@ -159,9 +166,19 @@ class GRPOLearner:
     return int(jax.device_get(self.state.step))
 
   def _token_logp(self, params, batch):
-    model = nnx.merge(self.graphdef, params)
-    hidden, _ = model(batch["inputs"], batch["positions"], batch["segments"], return_hidden=True)
-    return model.target_logprobs(hidden, batch["targets"])[0]
+    def logp(batch):
+      model = nnx.merge(self.graphdef, params)
+      hidden, _ = model(batch["inputs"], batch["positions"], batch["segments"],
+                        return_hidden=True)
+      return model.target_logprobs(hidden, batch["targets"])[0]
+
+    # The whole learner batch, in pieces the size of one training micro-batch.
+    k = self.cfg.num_minibatches * self.microbatches
+    if k == 1:
+      return logp(batch)
+    rows = batch["inputs"].shape[0]
+    micro = jax.lax.map(logp, split_microbatches(batch, k, self.mesh, self.rules))
+    return jnp.moveaxis(micro, 0, 1).reshape(rows, -1)   # undo the strided split
 
   def _place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     rows = next(iter(batch.values())).shape[0]

@@ -406,9 +406,8 @@ def run_grpo(config, workdir, model_cfg, mesh_cfg, init_params, name: str,
   if init_params is None and state is None:
     log.warning("%s starts from random weights: no earlier stage ran and no hf_checkpoint", name)
   learner = GRPOLearner(model_cfg, gcfg, tcfg.optimizer, mesh, rules, init_params=init_params,
-                        seed=tcfg.seed, state=state)
-  rows = _round_up(tcfg.batch_size * gcfg.group_size,
-                   learner.data_shards * learner.cfg.num_minibatches)  # whole minibatches
+                        seed=tcfg.seed, state=state, microbatches=tcfg.microbatches)
+  rows = _round_up(tcfg.batch_size * gcfg.group_size, learner.row_multiple)
   writer = MetricsWriter(workdir, resume_step=resumed_from or 0)
   # GRPO steps are the checkpoints' step numbers; the optimizer's count differs
   # (num_minibatches updates per step, none on a step without a trainable group).
@@ -538,8 +537,9 @@ def run_sft_rs(config, workdir, model_cfg, mesh_cfg, init_params):
   learner = GRPOLearner(model_cfg, GRPOConfig(), tcfg.optimizer, mesh, rules,
                         init_params=init_params, seed=tcfg.seed, state=state)
   sft_step = make_train_step(learner.graphdef, learner.tx, lm_loss, mesh, learner.shardings,
-                             rules)
-  rows = _round_up(tcfg.batch_size * stage.max_keep_per_prompt, learner.data_shards)
+                             rules, tcfg.microbatches)
+  rows = _round_up(tcfg.batch_size * stage.max_keep_per_prompt,
+                   learner.data_shards * tcfg.microbatches)
   writer = MetricsWriter(workdir, resume_step=resumed_from or 0)
   step = first = learner.step
   final: dict[str, float] = {}

@@ -18,6 +18,10 @@ the updated state reuses the argument buffers):
   + L x residuals each scanned layer saves      (the remat policy decides which)
   + max(loss working set, one layer's backward working set)
 
+With `microbatches` k > 1 (gradient accumulation) the activation terms are one
+micro-batch's (batch / k rows) and the gradients are an fp32 sum plus one
+micro-batch's gradient in the param dtype.
+
 The residual lists are what XLA keeps, read from the compiled HLO (the forward
 `while` loop's stacked outputs), not JAX's residual list. Attention is blocked
 (`m2.model.modules.causal_attention`): it keeps a log-sum-exp per query row
@@ -92,6 +96,7 @@ class MemoryPlan:
   # What was planned.
   mesh: dict[str, int] = dataclasses.field(default_factory=dict)
   batch: int = 0
+  microbatches: int = 1
   seq_len: int = 0
   remat_policy: str = ""
   dtype: str = ""
@@ -110,7 +115,8 @@ class MemoryPlan:
     loss_peak = self.loss >= self.layer_backward
     rows = [
         ("params", self.params, f"{self.param_dtype}, {_count(self.num_params)} parameters"),
-        ("grads", self.grads, self.param_dtype),
+        ("grads", self.grads, self.param_dtype if self.microbatches == 1 else
+         f"fp32 sum + one micro-batch's in {self.param_dtype}"),
         ("optimizer", self.optimizer, "optimizer state (AdamW: mu, nu)"),
         ("activations", self.activations, f"remat {self.remat_policy}, compute {self.dtype}"),
         ("  saved by scan", self.saved, f"{_size(self.saved_per_layer)} per layer"),
@@ -119,8 +125,10 @@ class MemoryPlan:
         ("total", self.total, ""),
     ]
     width = max(len(r[0]) for r in rows)
+    micro = (f", {self.microbatches} micro-batches of {self.batch // self.microbatches}"
+             if self.microbatches > 1 else "")
     lines = [f"memory per device: {mesh} ({self.num_devices} devices), "
-             f"global batch {self.batch} x {self.seq_len}"]
+             f"global batch {self.batch} x {self.seq_len}{micro}"]
     for name, n, note in rows:
       lines.append(f"  {name:<{width}}  {_size(n):>10}  {note}".rstrip())
     if hbm_gib:
@@ -272,7 +280,8 @@ def _layer_backward(policy: str, u: dict[str, int], weights: int) -> int:
 def plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
          rules: parallel.Rules = parallel.DEFAULT_RULES, batch: int = 8, seq_len: int = 2048,
          remat_policy: str | None = None, *, num_devices: int | None = None,
-         mesh_axes: Sequence[str] = parallel.MESH_AXES, tx=None) -> MemoryPlan:
+         mesh_axes: Sequence[str] = parallel.MESH_AXES, tx=None,
+         microbatches: int = 1) -> MemoryPlan:
   """Per-device memory of `make_train_step(...)` for this model, mesh and batch.
 
   mesh_shape: sizes for `mesh_axes`; one may be -1 (then `num_devices`, default
@@ -281,6 +290,7 @@ def plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
   batch:      global batch (sequences); seq_len: tokens per sequence.
   remat_policy: overrides `model_cfg.remat_policy`.
   tx:         optax optimizer (default: m2's AdamW), only its state shapes matter.
+  microbatches: gradient accumulation steps (`TrainConfig.microbatches`).
   """
   if remat_policy is not None:
     model_cfg = model_cfg.replace(remat_policy=remat_policy)
@@ -295,24 +305,28 @@ def plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
   batch_axes = [a for a in (batch_spec[0] if isinstance(batch_spec[0], tuple)
                             else (batch_spec[0],)) if a is not None]
   shards = math.prod(mesh.shape[a] for a in batch_axes)
-  if batch % shards:
+  if batch % (shards * microbatches):
     raise ValueError(f"batch {batch} is not divisible by the {shards} batch shards "
-                     f"(mesh axes {batch_axes}); the train step would reject it")
+                     f"(mesh axes {batch_axes}) x {microbatches} micro-batches; the train "
+                     f"step would reject it")
 
   # State: exact shapes from the real model + optimizer.
   state = abstract_state(model_cfg, tx)
   params = _state_bytes(state.params, sh)
   optimizer = _state_bytes(state.opt_state, sh)
-  grads = params
+  # Accumulation keeps an fp32 sum besides one micro-batch's gradient.
+  param_bytes = jnp.dtype(model_cfg.weight_dtype).itemsize
+  grads = params + (params * 4 // param_bytes if microbatches > 1 else 0)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
 
   # Activation units: local element counts of the tensors one layer makes.
   c = model_cfg
-  b, t, e = sh.local((batch, seq_len, c.embed_dim), ("batch", "length", "embed"))
-  _, _, k, g, d = sh.local((batch, seq_len, c.num_kv_heads, c.q_per_kv, c.head_dim),
+  rows = batch // microbatches   # what one forward/backward pass holds
+  b, t, e = sh.local((rows, seq_len, c.embed_dim), ("batch", "length", "embed"))
+  _, _, k, g, d = sh.local((rows, seq_len, c.num_kv_heads, c.q_per_kv, c.head_dim),
                            ("batch", "length", "kv_heads", "heads", "head_dim"))
-  m = sh.local((batch, seq_len, 2, c.mlp_dim), ("batch", "length", None, "mlp"))[3]
-  v = sh.local((batch, seq_len, c.vocab_size), ("batch", "length", "vocab"))[2]
+  m = sh.local((rows, seq_len, 2, c.mlp_dim), ("batch", "length", None, "mlp"))[3]
+  v = sh.local((rows, seq_len, c.vocab_size), ("batch", "length", "vocab"))[2]
   u = {"embed": b * t * e, "q": b * t * k * g * d, "kv": b * t * k * d,
        "rows": b * k * g * t, "mlp": b * t * m,
        # The largest query block's [B,K,G,rows,keys] scores (`query_blocks`).
@@ -339,36 +353,52 @@ def plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
   embed_full = _state_bytes(state.params["embed"], sh, drop=batch_axes)
   leftover = embed_full if embed_full != embed_local else 0
   backward = _layer_backward(policy, u, weights) + leftover
-  inputs = 5 * b * t * 4  # inputs, targets, positions, segments, loss_mask (int32)
+  inputs = 5 * (batch // shards) * t * 4  # inputs, targets, positions, segments, loss_mask
   activations = saved + max(loss, backward) + inputs
   return MemoryPlan(
       params=params, grads=grads, optimizer=optimizer, activations=activations,
       total=params + grads + optimizer + activations,
       saved_per_layer=per_layer, saved=saved, loss=loss, layer_backward=backward,
-      inputs=inputs, mesh=dict(mesh.shape), batch=batch, seq_len=seq_len,
+      inputs=inputs, mesh=dict(mesh.shape), batch=batch, microbatches=microbatches,
+      seq_len=seq_len,
       remat_policy=policy, dtype=c.dtype, param_dtype=c.param_dtype, num_params=num_params)
 
 
 def _train_section(config, stage: str | None):
-  """(name, section) of the batch/sequence settings: `config.train` or `config.<stage>.train`."""
+  """(name, stage section or None, train section): `config.train` or `config.<stage>.train`."""
   if stage is None and "train" in config:
-    return "config.train", config.train
+    return "config.train", None, config.train
   for name in ([stage] if stage else list(config.get("stages", ()))):
     if name in config and "train" in config[name]:
-      return f"config.{name}.train", config[name].train
+      return f"config.{name}.train", config[name], config[name].train
   raise ValueError(f"config has no train section for stage {stage!r}: expected config.train "
                    f"or config.<stage>.train with batch_size and seq_len")
+
+
+def _rows_per_update(stage_cfg, batch_size: int) -> int:
+  """Sequences in one optimizer step. RL stages count prompts in `batch_size`:
+  GRPO trains on batch_size x group_size rows in `num_minibatches` updates, and
+  rejection-sampling SFT on up to batch_size x max_keep_per_prompt rows at once."""
+  from m2.rl.grpo import GRPOConfig
+  if stage_cfg is not None and "grpo" in stage_cfg:
+    grpo = stage_cfg.grpo
+    return (batch_size * grpo.get("group_size", GRPOConfig.group_size)
+            // grpo.get("num_minibatches", GRPOConfig.num_minibatches))
+  if stage_cfg is not None and "max_keep_per_prompt" in stage_cfg:
+    return batch_size * stage_cfg.max_keep_per_prompt
+  return batch_size
 
 
 def plan_args_from_config(config, stage: str | None = None) -> dict[str, Any]:
   """`plan` keyword arguments from an experiment config (`model`, `mesh`, a `train` section)."""
   from m2.train.loop import MeshConfig, TrainConfig
   mesh_cfg = configlib.build(MeshConfig, config.mesh, "config.mesh")
-  where, section = _train_section(config, stage)
+  where, stage_cfg, section = _train_section(config, stage)
   train_cfg = configlib.build(TrainConfig, section, where)
   return dict(model_cfg=model_config_from(config.model), mesh_shape=mesh_cfg.shape,
-              rules=mesh_cfg.rules, mesh_axes=mesh_cfg.axes, batch=train_cfg.batch_size,
-              seq_len=train_cfg.seq_len, tx=make_optimizer(train_cfg.optimizer))
+              rules=mesh_cfg.rules, mesh_axes=mesh_cfg.axes,
+              batch=_rows_per_update(stage_cfg, train_cfg.batch_size), seq_len=train_cfg.seq_len,
+              tx=make_optimizer(train_cfg.optimizer), microbatches=train_cfg.microbatches)
 
 
 def plan_from_config(config, num_devices: int | None = None, stage: str | None = None,
@@ -396,6 +426,7 @@ def main(argv):
     args["mesh_shape"] = tuple(int(s) for s in f.mesh.split(","))
   args["batch"] = f.batch or args["batch"]
   args["seq_len"] = f.seq_len or args["seq_len"]
+  args["microbatches"] = f.microbatches or args.get("microbatches", 1)
   p = plan(**args, remat_policy=f.remat, num_devices=f.devices)
   print(p.table(f.hbm_gib))
   print(p.to_json())
@@ -408,12 +439,15 @@ def _define_flags():
                                   lock_config=False)
   flags.DEFINE_string("preset", "tiny", "model preset when no --config is given "
                       "(with a config: --config.model.preset)")
-  flags.DEFINE_string("stage", None, "stage whose train section sets batch and seq_len "
-                      "(default: config.train, else the first stage that has one)")
+  flags.DEFINE_string("stage", None, "stage whose train section sets batch, seq_len and "
+                      "microbatches (default: config.train, else the first stage that has "
+                      "one); an RL stage's batch is the sequences of one update")
   flags.DEFINE_string("mesh", None, "mesh shape data,fsdp,tensor, e.g. 1,8,1 (one may be -1)")
   flags.DEFINE_integer("devices", None, "device count for a -1 mesh entry (default: local)")
   flags.DEFINE_integer("batch", None, "global batch in sequences")
   flags.DEFINE_integer("seq_len", None, "tokens per sequence")
+  flags.DEFINE_integer("microbatches", None, "gradient-accumulation micro-batches per step "
+                       "(default: the config's, else 1)")
   flags.DEFINE_enum("remat", None, list(POLICIES), "remat policy (default: the model's)")
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "compute dtype")
   flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16", "float16"], "parameter dtype")

@@ -8,12 +8,14 @@ metrics, and saves every `save_every` steps and at the end.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -23,7 +25,8 @@ from m2.model import ModelConfig, Transformer
 from m2.train.checkpoint import Checkpointer, to_arrays
 from m2.train.metrics import MetricsWriter, read_metrics
 from m2.train.optimizer import OptimizerConfig, make_optimizer, schedule
-from m2.train.state import abstract_train_state, init_train_state, lm_loss, make_train_step
+from m2.train.state import (abstract_train_state, init_train_state, lm_loss, make_train_step,
+                            split_microbatches)
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +43,15 @@ class TrainConfig:
   seed: int = 0
   eval_every: int = 0      # held-out loss every N steps (and at the start); 0: never
   eval_batches: int = 8    # the same first N batches of `eval_dataset` every time
+  # Each step's batch runs as this many sequential micro-batches, their gradients
+  # summed before the one update (`m2.train.state.make_train_step`): the same update
+  # in 1/k of the activation memory. batch_size must divide by k x the data shards.
+  microbatches: int = 1
   optimizer: OptimizerConfig = OptimizerConfig()
 
   def __post_init__(self):
     for f in ("steps", "batch_size", "seq_len", "log_every", "save_every", "keep_checkpoints",
-              "eval_batches"):
+              "eval_batches", "microbatches"):
       v = getattr(self, f)
       if not (isinstance(v, int) and v > 0):
         raise ValueError(f"TrainConfig.{f}: must be a positive int (got {v!r})")
@@ -101,9 +108,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, datase
   mesh = mesh_cfg.make()
   rules = mesh_cfg.rules
   data_parallel = parallel.batch_shards(mesh, rules)
-  if cfg.batch_size % data_parallel:
+  if cfg.batch_size % (data_parallel * cfg.microbatches):
     raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} is not divisible by the "
-                     f"data-parallel size {data_parallel} of mesh {dict(mesh.shape)}")
+                     f"data-parallel size {data_parallel} of mesh {dict(mesh.shape)} times "
+                     f"microbatches={cfg.microbatches}")
   tx = make_optimizer(cfg.optimizer)
   lr_schedule = schedule(cfg.optimizer)
   make_model = make_model or (lambda: Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed)))
@@ -125,12 +133,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, datase
     if init_params is not None:
       state = state.replace(params=_place(init_params, shardings.params))
 
-  step_fn = make_train_step(graphdef, tx, loss_fn, mesh, shardings, rules)
+  step_fn = make_train_step(graphdef, tx, loss_fn, mesh, shardings, rules, cfg.microbatches)
   batch_sharding = parallel.data_sharding(mesh, rules)
   evaluate = None
   if eval_dataset is not None and cfg.eval_every:
     evaluate = _make_eval(graphdef, loss_fn, mesh, rules, shardings.params, batch_sharding,
-                          eval_dataset, cfg.eval_batches)
+                          eval_dataset, cfg.eval_batches, cfg.microbatches)
   writer = MetricsWriter(workdir, resume_step=resumed_from or 0)
   step = int(jax.device_get(state.step))
   if evaluate is not None and step == 0:
@@ -185,9 +193,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, datase
 
 
 def _make_eval(graphdef, loss_fn, mesh, rules, param_shardings, batch_sharding, dataset,
-               num_batches: int) -> Callable[[nnx.State], float]:
+               num_batches: int, microbatches: int = 1) -> Callable[[nnx.State], float]:
   """`evaluate(params) -> loss` over the first `num_batches` batches of `dataset`,
-  weighted by the loss's "tokens" (a token-mean loss stays a token mean)."""
+  weighted by the loss's "weight" (a token-mean loss stays a token mean); each
+  batch runs as `microbatches` sequential pieces, as in training."""
   batches = []
   for batch in dataset:
     batches.append({k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
@@ -200,10 +209,16 @@ def _make_eval(graphdef, loss_fn, mesh, rules, param_shardings, batch_sharding, 
     log.warning("eval_dataset has %d batches, fewer than eval_batches=%d", len(batches),
                 num_batches)
 
-  def total(params, batch):
+  def weighted(params, batch):
     loss, aux = loss_fn(nnx.merge(graphdef, params), batch)
-    weight = aux.get("tokens", 1.0)
-    return loss * weight, weight
+    weight = aux.get("weight", 1.0)
+    return jnp.stack([loss * weight, weight])
+
+  def total(params, batch):
+    if microbatches == 1:
+      return weighted(params, batch)
+    micro = split_microbatches(batch, microbatches, mesh, rules)
+    return jax.lax.map(functools.partial(weighted, params), micro).sum(axis=0)
 
   jitted = jax.jit(total, in_shardings=(param_shardings, batch_sharding),
                    out_shardings=parallel.replicated(mesh))

@@ -32,7 +32,8 @@ def tiny_rl_config(tokenizer_file, cache):
   c.rl_rule.train.update(steps=2, batch_size=4, seq_len=96, save_every=1)
   c.rl_multiturn.update(max_new_tokens=6, max_turns=2, case_limit=4)
   c.rl_multiturn.grpo.update(group_size=2, overlong_buffer=2, max_refill_rounds=0)
-  c.rl_multiturn.train.update(steps=1, batch_size=4, seq_len=256, save_every=1)
+  # Updates in two micro-batches (gradient accumulation), as the real configs run them.
+  c.rl_multiturn.train.update(steps=1, batch_size=4, seq_len=256, save_every=1, microbatches=2)
   return c
 
 
@@ -42,9 +43,9 @@ def test_rl_stages_run_resume_and_hand_on_params(tmp_path, sp_tokenizer, monkeyp
   starts = {}
   real = stages.GRPOLearner.__init__
 
-  def spy(self, model_cfg, cfg, opt, mesh, rules=(), *, init_params=None, seed=0, state=None):
+  def spy(self, model_cfg, cfg, opt, mesh, rules=(), *, init_params=None, state=None, **kw):
     starts[len(starts)] = (init_params, state)
-    real(self, model_cfg, cfg, opt, mesh, rules, init_params=init_params, seed=seed, state=state)
+    real(self, model_cfg, cfg, opt, mesh, rules, init_params=init_params, state=state, **kw)
 
   monkeypatch.setattr(stages.GRPOLearner, "__init__", spy)
   # An interrupted rl_rule: one of its two steps is checkpointed, then the run dies.

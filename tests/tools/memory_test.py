@@ -8,6 +8,7 @@ packed every temporary into, fragmentation included). The state is donated, so
 outputs alias arguments and the sum is arguments + temporaries.
 """
 
+import importlib.util
 import math
 import os
 import subprocess
@@ -30,7 +31,7 @@ MEDIUM = ModelConfig(vocab_size=32768, num_layers=8, embed_dim=512, num_heads=8,
                      num_kv_heads=4, head_dim=64, mlp_dim=2048)
 
 
-def compiled_memory(cfg: ModelConfig, mesh_shape, batch: int, seq_len: int):
+def compiled_memory(cfg: ModelConfig, mesh_shape, batch: int, seq_len: int, microbatches=1):
   """XLA's memory stats of the real train step, compiled (not run) on fake CPU devices."""
   n = math.prod(mesh_shape)
   if jax.device_count() < n:
@@ -40,7 +41,8 @@ def compiled_memory(cfg: ModelConfig, mesh_shape, batch: int, seq_len: int):
   make = lambda: Transformer(cfg, rngs=nnx.Rngs(0))  # noqa: E731
   abstract, shardings = train_state.abstract_train_state(make, tx, mesh)
   graphdef = nnx.split(nnx.eval_shape(make))[0]
-  step = train_state.make_train_step(graphdef, tx, train_state.lm_loss, mesh, shardings)
+  step = train_state.make_train_step(graphdef, tx, train_state.lm_loss, mesh, shardings,
+                                     microbatches=microbatches)
   spec = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=parallel.data_sharding(mesh))
   batch_spec = {k: spec for k in ("inputs", "targets", "positions", "segments", "loss_mask")}
   with parallel.sharding_context(mesh):
@@ -48,26 +50,29 @@ def compiled_memory(cfg: ModelConfig, mesh_shape, batch: int, seq_len: int):
 
 
 CASES = [
-    ("tiny", (1, 8, 1), "none", 256),
-    ("tiny", (2, 2, 2), "full", 256),
-    ("tiny", (1, 1, 1), "full", 256),
-    ("medium", (1, 8, 1), "full", 256),
-    ("medium", (2, 2, 2), "none", 256),
-    ("medium", (1, 1, 1), "none", 256),
+    ("tiny", (1, 8, 1), "none", 256, 1),
+    ("tiny", (2, 2, 2), "full", 256, 1),
+    ("tiny", (1, 1, 1), "full", 256, 1),
+    ("medium", (1, 8, 1), "full", 256, 1),
+    ("medium", (2, 2, 2), "none", 256, 1),
+    ("medium", (1, 1, 1), "none", 256, 1),
     # Long sequences: the attention's saved state and working set must stay O(T).
-    ("tiny", (2, 2, 2), "full", 1024),
-    ("medium", (1, 8, 1), "none", 2048),
+    ("tiny", (2, 2, 2), "full", 1024, 1),
+    ("medium", (1, 8, 1), "none", 2048, 1),
+    # Gradient accumulation: one micro-batch's activations, an fp32 gradient sum.
+    ("medium", (1, 1, 1), "none", 256, 4),
+    ("tiny", (2, 2, 2), "full", 1024, 2),
 ]
 
 
-@pytest.mark.parametrize("model,mesh_shape,remat,seq_len", CASES)
-def test_plan_matches_compiled_memory(model, mesh_shape, remat, seq_len):
+@pytest.mark.parametrize("model,mesh_shape,remat,seq_len,microbatches", CASES)
+def test_plan_matches_compiled_memory(model, mesh_shape, remat, seq_len, microbatches):
   cfg = (preset("tiny") if model == "tiny" else MEDIUM).replace(remat_policy=remat)
   batch = 8
-  stats = compiled_memory(cfg, mesh_shape, batch, seq_len)
+  stats = compiled_memory(cfg, mesh_shape, batch, seq_len, microbatches)
   xla_total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
                - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
-  p = memory.plan(cfg, mesh_shape, batch=batch, seq_len=seq_len)
+  p = memory.plan(cfg, mesh_shape, batch=batch, seq_len=seq_len, microbatches=microbatches)
 
   # The state and batch are exact: step + rng key (12 bytes) besides them.
   assert stats.argument_size_in_bytes == p.params + p.optimizer + p.inputs + 12
@@ -141,3 +146,27 @@ def test_command_line():
   assert "data 1 x fsdp 8 x tensor 1 (8 devices), global batch 8 x 4096" in out
   assert "fits in 80 GiB" in out or "does NOT fit in 80 GiB" in out
   assert out.strip().splitlines()[-1].startswith('{"params": ')
+
+
+# The hardware each shipped config's docstring names: (devices, GiB per device).
+SHIPPED = [("qwen2_5_1_5b", None, 1, 80), ("qwen2_5_32b", "h100x8", 8, 80),
+           ("qwen2_5_32b", "v5p64", 32, 95)]
+
+
+@pytest.mark.parametrize("name,variant,devices,hbm_gib", SHIPPED)
+def test_every_training_stage_of_a_shipped_config_fits_its_hardware(name, variant, devices,
+                                                                    hbm_gib):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(variant) if variant else module.get_config()
+  stages = [s for s in config.stages if "train" in config[s]]
+  assert {"midtrain", "sft", "sft_rs", "rl_rule", "rl_multiturn"} <= set(stages)
+  for stage in stages:
+    p = memory.plan_from_config(config, num_devices=devices, stage=stage)
+    assert p.fits(hbm_gib * memory.GiB), f"{name}:{variant} {stage}\n{p.table(hbm_gib)}"
+    assert p.microbatches == config[stage].train.get("microbatches", 1)
+  # An RL update trains on prompts x group_size / num_minibatches sequences.
+  rl = config.rl_rule
+  assert memory.plan_from_config(config, num_devices=devices, stage="rl_rule").batch == (
+      rl.train.batch_size * rl.grpo.group_size // rl.grpo.num_minibatches)
