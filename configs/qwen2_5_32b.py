@@ -31,21 +31,25 @@ TEST_SPLITS = ("pubmedqa:test", "mts_dialog:test1", "mts_dialog:test2", "aci_ben
                "aci_bench:test2", "aci_bench:test3")
 MEDICAL = ("agentclinic", "mediq_qa", "mts_dialog", "aci_bench", "pubmedqa", "cmtmedqa")
 
-# (mesh shape over (data, fsdp, tensor), param_dtype, global batch, RL micro-batches)
+# RL updates train on 128 sequences of 4096 tokens (64 prompts x 16 samples / 8
+# minibatches); `rl_microbatches` gives each device one sequence at a time.
+# `rollout_rows` caps the sequences one generation call decodes (0: all 1,024):
+# their KV cache is 256 KiB a token, 768 MiB a 3k-token sequence.
 _MESHES = {
     # fp32 master weights + Adam need 16 B/param = 525 GB: more than 8 x 80 GB
     # holds with activations, so this mesh keeps weights and moments in bf16.
-    "h100x8": ((1, 8, 1), "bfloat16", 8, 16),
-    "v5p64": ((1, -1, 1), "float32", 32, 4),
+    "h100x8": dict(shape=(1, 8, 1), param_dtype="bfloat16", batch=8, rl_microbatches=16,
+                   rollout_rows=256),
+    "v5p64": dict(shape=(1, -1, 1), param_dtype="float32", batch=32, rl_microbatches=4,
+                  rollout_rows=0),
 }
-# RL updates train on 128 sequences of 4096 tokens (64 prompts x 16 samples / 8
-# minibatches); the micro-batches above give each device one sequence at a time.
 
 
 def get_config(arg: str = "h100x8"):
   if arg not in _MESHES:
     raise ValueError(f"unknown mesh {arg!r}; choose one of {sorted(_MESHES)}")
-  shape, param_dtype, batch, rl_micro = _MESHES[arg]
+  shape, param_dtype, batch = (_MESHES[arg][k] for k in ("shape", "param_dtype", "batch"))
+  rl_micro, rollout_rows = _MESHES[arg]["rl_microbatches"], _MESHES[arg]["rollout_rows"]
   c = ml_collections.ConfigDict()
   c.stages = ("midtrain", "sft", "sft_rs", "rl_rule", "rl_rubric", "rl_multiturn", "eval",
               "export")
@@ -83,7 +87,7 @@ def get_config(arg: str = "h100x8"):
   c.sft_rs = ml_collections.ConfigDict(dict(
       sources=("mediq_qa", "math"), samples_per_prompt=8, keep_threshold=1.0,
       max_keep_per_prompt=2, max_prompt_len=1024, max_new_tokens=2048, temperature=1.0,
-      thinking_mode="auto", system="",
+      thinking_mode="auto", system="", rollout_rows=rollout_rows,
       reward=dict(weights=dict(correct=1.0, format=0.2, safety=0.5)),
       train=dict(rl_train, steps=100, batch_size=64, seq_len=4096, microbatches=rl_micro,
                  optimizer=dict(rl_optimizer, learning_rate=2e-6))))
@@ -94,14 +98,16 @@ def get_config(arg: str = "h100x8"):
   c.rl_rule = ml_collections.ConfigDict(dict(
       sources=("mediq_qa", "pubmedqa", "math"), max_prompt_len=1024, max_new_tokens=2048,
       temperature=1.0, top_p=1.0, thinking_mode="auto", system="", grpo=grpo,
-      reward=dict(weights=dict(correct=1.0, format=0.5, safety=0.5)),
+      rollout_rows=rollout_rows, reward=dict(weights=dict(correct=1.0, format=0.5, safety=0.5)),
       train=dict(rl_train, steps=300, batch_size=64, seq_len=4096, microbatches=rl_micro)))
   c.rl_rubric = ml_collections.ConfigDict(dict(c.rl_rule.to_dict(),
       sources=("agentclinic", "mediq"), reward=dict(weights=dict(rubric=1.0, format=0.2,
                                                                  safety=0.5))))
   c.rl_rubric.train.update(steps=200)
+  # Consultations grow to 8k tokens (2.1 GiB of cache each): a quarter of the rows.
   c.rl_multiturn = ml_collections.ConfigDict(dict(c.rl_rubric.to_dict(), max_turns=10,
-                                                  max_new_tokens=512, length_multiple=1024))
+                                                  max_new_tokens=512, length_multiple=1024,
+                                                  rollout_rows=rollout_rows // 4))
   c.rl_multiturn.train.update(steps=200, batch_size=32, seq_len=8192,
                               microbatches=rl_micro // 2)
   c.eval = ml_collections.ConfigDict(dict(

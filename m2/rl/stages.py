@@ -72,6 +72,9 @@ class RLStageConfig:
   # to the longest trajectory rounded up to n (at most seq_len / n compiles, less
   # compute once responses get shorter than seq_len).
   length_multiple: int = 0
+  # Sequences one generation call decodes at once (0: all of them); bounds the
+  # rollout's KV cache (`m2.tools.memory.rollout_plan`).
+  rollout_rows: int = 0
   grpo: GRPOConfig = GRPOConfig()
   reward: RewardConfig = RewardConfig()
   train: TrainConfig = TrainConfig()
@@ -82,8 +85,9 @@ class RLStageConfig:
       raise ValueError(f"thinking_mode must be one of {THINKING_MODES}, got {self.thinking_mode!r}")
     if not self.sources:
       raise ValueError("sources: none listed")
-    if not (isinstance(self.length_multiple, int) and self.length_multiple >= 0):
-      raise ValueError(f"length_multiple must be an int >= 0, got {self.length_multiple!r}")
+    for f in ("length_multiple", "rollout_rows"):
+      if not (isinstance(getattr(self, f), int) and getattr(self, f) >= 0):
+        raise ValueError(f"{f} must be an int >= 0, got {getattr(self, f)!r}")
     for f in ("max_prompt_len", "max_new_tokens", "max_turns"):
       if not (isinstance(getattr(self, f), int) and getattr(self, f) > 0):
         raise ValueError(f"{f} must be a positive int, got {getattr(self, f)!r}")
@@ -110,12 +114,15 @@ class SFTRSConfig:
   temperature: float = 1.0
   thinking_mode: str = "off"
   system: str = ""
+  rollout_rows: int = 0         # as RLStageConfig's
   reward: RewardConfig = RewardConfig()
   train: TrainConfig = TrainConfig()
 
   def __post_init__(self):
     if self.samples_per_prompt < 1 or self.max_keep_per_prompt < 1:
       raise ValueError("samples_per_prompt and max_keep_per_prompt must be >= 1")
+    if not (isinstance(self.rollout_rows, int) and self.rollout_rows >= 0):
+      raise ValueError(f"rollout_rows must be an int >= 0, got {self.rollout_rows!r}")
 
 
 # ------------------------------------------------------------------ tasks
@@ -153,7 +160,8 @@ class _Setup:
       raise ValueError(f"tokenizer {self.data_cfg.tokenizer!r} has no <|im_end|> token to "
                        f"end a turn; RL needs a chat-capable tokenizer")
     self.sampler = Sampler.for_config(model_cfg, mesh=mesh, rules=stage_rules(config),
-                                      tokenizer=self.tokenizer, pad_id=self.tokenizer.pad_id)
+                                      tokenizer=self.tokenizer, pad_id=self.tokenizer.pad_id,
+                                      max_rows=stage.rollout_rows)
     self.config, self.mesh = config, mesh
 
   def verifier(self):

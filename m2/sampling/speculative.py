@@ -199,6 +199,8 @@ class SpeculativeSampler(Sampler):
   _stat_names = ("proposed", "accepted", "rounds", "round_tokens")
 
   def __init__(self, target: nnx.Module, drafter: Drafter, *, num_draft_tokens: int = 4, **kw):
+    if kw.get("max_rows"):   # its acceptance statistics do not add up over parts
+      raise ValueError("SpeculativeSampler does not run batches in parts: leave max_rows 0")
     super().__init__(target, **kw)
     if not isinstance(drafter, Drafter):
       raise TypeError(f"drafter must be a Drafter (e.g. ModelDrafter(model)), got "

@@ -364,6 +364,62 @@ def plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
       remat_policy=policy, dtype=c.dtype, param_dtype=c.param_dtype, num_params=num_params)
 
 
+@dataclasses.dataclass(frozen=True)
+class RolloutPlan:
+  """Per-device bytes while an RL stage generates: the learner's state stays resident."""
+
+  state: int         # params + optimizer state (exact)
+  kv_cache: int      # the sampler's K and V caches (exact: `KVCache.init` shapes, sharded)
+  working: int       # one layer's gathered weights, a compute-dtype weight copy, logits
+  total: int
+  rows: int = 0      # sequences decoded at once
+  cache_length: int = 0
+
+  def fits(self, hbm_bytes: float) -> bool:
+    return self.total <= hbm_bytes
+
+
+def kv_cache_bytes(model_cfg: ModelConfig, sharder: "_Sharder", rows: int,
+                   cache_length: int) -> int:
+  """Per-device bytes of the sampler's cache for `rows` sequences of `cache_length` slots."""
+  from m2.model.cache import KVCache
+  c, dtype = model_cfg, model_cfg.compute_dtype
+  k = (c.num_layers, rows, c.num_kv_heads, c.head_dim, cache_length)
+  v = (c.num_layers, rows, c.num_kv_heads, cache_length, c.head_dim)
+  segments = rows * cache_length * 4   # int32, on every device
+  return sharder.nbytes(k, KVCache.K_AXES, dtype) + sharder.nbytes(v, KVCache.V_AXES, dtype) \
+      + segments
+
+
+def rollout_plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
+                 rules: parallel.Rules = parallel.DEFAULT_RULES, rows: int = 8,
+                 cache_length: int = 4096, *, num_devices: int | None = None,
+                 mesh_axes: Sequence[str] = parallel.MESH_AXES, tx=None) -> RolloutPlan:
+  """Per-device memory of generating `rows` sequences of up to `cache_length` tokens
+  (one `Sampler.generate` call, or one part of it under `max_rows`) beside the train
+  state. The cache is exact; the working set is an upper estimate: a compute-dtype
+  copy of the weights, one layer's weights gathered twice over (prefetch), and four
+  fp32 [rows, vocab] buffers for sampling (logits, log-softmax, sorted, probabilities)."""
+  mesh = _abstract_mesh(mesh_shape, mesh_axes, num_devices)
+  parallel.check_rules(rules, mesh_axes)
+  sh = _Sharder(mesh, rules)
+  state = abstract_state(model_cfg, tx)
+  params = _state_bytes(state.params, sh)
+  resident = params + _state_bytes(state.opt_state, sh)
+  batch_axes = [a for a in jax.tree.leaves(parallel.logical_to_spec(("batch",), rules)[0] or ())
+                if a is not None]
+  c = model_cfg
+  cb, pb = jnp.dtype(c.compute_dtype).itemsize, jnp.dtype(c.weight_dtype).itemsize
+  cast = 0 if cb == pb else params * cb // pb
+  layer = _state_bytes(state.params["blocks"], sh, drop=batch_axes) // c.num_layers * cb // pb
+  local_rows = sh.local((rows,), ("batch",))[0]
+  logits = 4 * local_rows * c.vocab_size * 4
+  cache = kv_cache_bytes(c, sh, rows, cache_length)
+  working = cast + 2 * layer + logits
+  return RolloutPlan(state=resident, kv_cache=cache, working=working,
+                     total=resident + cache + working, rows=rows, cache_length=cache_length)
+
+
 def _train_section(config, stage: str | None):
   """(name, stage section or None, train section): `config.train` or `config.<stage>.train`."""
   if stage is None and "train" in config:
@@ -399,6 +455,22 @@ def plan_args_from_config(config, stage: str | None = None) -> dict[str, Any]:
               rules=mesh_cfg.rules, mesh_axes=mesh_cfg.axes,
               batch=_rows_per_update(stage_cfg, train_cfg.batch_size), seq_len=train_cfg.seq_len,
               tx=make_optimizer(train_cfg.optimizer), microbatches=train_cfg.microbatches)
+
+
+def rollout_plan_from_config(config, stage: str, num_devices: int | None = None) -> RolloutPlan:
+  """The rollout plan of an RL stage (or sft_rs): its rows per generation call
+  (`rollout_rows`, else all samples of a step) and their longest cache."""
+  from m2.sampling.sampler import length_bucket
+  from m2.train.loop import MeshConfig
+  mesh_cfg = configlib.build(MeshConfig, config.mesh, "config.mesh")
+  s = config[stage]
+  samples = s.train.batch_size * (s.grpo.group_size if "grpo" in s else s.samples_per_prompt)
+  # Consultations grow to train.seq_len; single turns to the prompt bucket + the answer.
+  prompt = s.train.seq_len if stage == "rl_multiturn" else length_bucket(s.max_prompt_len)
+  cache_length = -(-(prompt + s.max_new_tokens) // 64) * 64
+  return rollout_plan(model_config_from(config.model), mesh_cfg.shape, mesh_cfg.rules,
+                      rows=s.get("rollout_rows", 0) or samples, cache_length=cache_length,
+                      num_devices=num_devices, mesh_axes=mesh_cfg.axes)
 
 
 def plan_from_config(config, num_devices: int | None = None, stage: str | None = None,

@@ -26,7 +26,7 @@ def tiny_rl_config(tokenizer_file, cache):
   c.sft_rs.update(sources=("math",), samples_per_prompt=2, max_keep_per_prompt=1,
                   max_new_tokens=6, keep_threshold=0.0)
   c.sft_rs.train.update(steps=1, batch_size=4, seq_len=96, save_every=1)
-  c.rl_rule.update(sources=("math",), max_new_tokens=6)
+  c.rl_rule.update(sources=("math",), max_new_tokens=6, rollout_rows=4)   # 8 rows: 2 parts
   # Two optimizer updates per GRPO step: resuming must count GRPO steps, not updates.
   c.rl_rule.grpo.update(group_size=2, overlong_buffer=2, max_refill_rounds=0, num_minibatches=2)
   c.rl_rule.train.update(steps=2, batch_size=4, seq_len=96, save_every=1)

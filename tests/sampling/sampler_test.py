@@ -138,6 +138,23 @@ def test_a_seeded_row_does_not_depend_on_its_batch(model, sampler):
   assert c.tokens.tolist() != d.tokens.tolist()  # seed=None: fresh randomness per call
 
 
+def test_a_batch_over_max_rows_runs_in_parts_with_the_same_output(model, sampler):
+  params = nnx.state(model)
+  prompts = PROMPTS + [[1, 2, 3, 4], [30, 31]]
+  requests = SAMPLED + [dataclasses.replace(SAMPLED[0], seed=7), GREEDY]
+  whole = sampler.generate(params, prompts, requests)
+  parts = Sampler(model, tokenizer=letters, stop_check_every=3, max_rows=2).generate(
+      params, prompts, requests)
+  for name in ("tokens", "logprobs", "policy_logprobs", "lengths"):
+    np.testing.assert_allclose(getattr(parts, name), getattr(whole, name), atol=1e-5,
+                               err_msg=name)
+  assert parts.finish_reasons == whole.finish_reasons
+  assert parts.stats["parts"] == 3 and parts.stats["rows"] == 5 and parts.state is None
+  assert parts.stats["prefill_tokens"] == whole.stats["prefill_tokens"]
+  with pytest.raises(ValueError, match="max_rows"):
+    Sampler(model, max_rows=-1)
+
+
 def test_stop_tokens_end_rows_and_the_rest_keep_going(model, sampler, full_logits):
   params = nnx.state(model)
   ref = sampler.generate(params, PROMPTS, GREEDY)

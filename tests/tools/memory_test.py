@@ -166,7 +166,26 @@ def test_every_training_stage_of_a_shipped_config_fits_its_hardware(name, varian
     p = memory.plan_from_config(config, num_devices=devices, stage=stage)
     assert p.fits(hbm_gib * memory.GiB), f"{name}:{variant} {stage}\n{p.table(hbm_gib)}"
     assert p.microbatches == config[stage].train.get("microbatches", 1)
+  # Generation beside the resident train state fits too (`rollout_rows` parts).
+  for stage in ("sft_rs", "rl_rule", "rl_rubric", "rl_multiturn"):
+    r = memory.rollout_plan_from_config(config, stage, num_devices=devices)
+    assert r.fits(hbm_gib * memory.GiB), (name, variant, stage, r)
   # An RL update trains on prompts x group_size / num_minibatches sequences.
   rl = config.rl_rule
   assert memory.plan_from_config(config, num_devices=devices, stage="rl_rule").batch == (
       rl.train.batch_size * rl.grpo.group_size // rl.grpo.num_minibatches)
+
+
+@pytest.mark.parametrize("layers", ["scan", "unrolled"])
+def test_kv_cache_bytes_are_what_the_sampler_allocates(layers):
+  from m2.sampling import Sampler
+  mesh = parallel.make_mesh((2, 2, 2))
+  cfg = MEDIUM.replace(dtype="bfloat16")
+  sampler = Sampler(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), mesh=mesh,
+                    layers=layers)
+  with parallel.sharding_context(mesh):
+    cache = sampler._init_jit(8, 320).cache
+  per_device = sum(x.addressable_shards[0].data.nbytes
+                   for x in jax.tree.leaves((cache.k, cache.v, cache.segments)))
+  assert per_device == memory.kv_cache_bytes(cfg, memory._Sharder(mesh, parallel.DEFAULT_RULES),
+                                             rows=8, cache_length=320)
