@@ -78,8 +78,10 @@ def get_config():
       sources=("agentclinic", "mediq"), max_new_tokens=768,
       reward=dict(weights=dict(rubric=1.0, format=0.2, safety=0.5))))
   c.rl_rubric.train.update(steps=100, seq_len=2048, microbatches=16)
+  # Each turn prefills whole consultations (up to 4k tokens): 32 at a time.
   c.rl_multiturn = ml_collections.ConfigDict(dict(c.rl_rubric.to_dict(), max_turns=8,
-                                                  max_new_tokens=256, length_multiple=512))
+                                                  max_new_tokens=256, length_multiple=512,
+                                                  rollout_rows=32))
   c.rl_multiturn.train.update(steps=100, batch_size=16, seq_len=4096, microbatches=16)
   c.eval = ml_collections.ConfigDict(dict(
       before="auto", healthbench=True, healthbench_subsets=("oss_eval",), healthbench_limit=0,

@@ -34,14 +34,15 @@ MEDICAL = ("agentclinic", "mediq_qa", "mts_dialog", "aci_bench", "pubmedqa", "cm
 # RL updates train on 128 sequences of 4096 tokens (64 prompts x 16 samples / 8
 # minibatches); `rl_microbatches` gives each device one sequence at a time.
 # `rollout_rows` caps the sequences one generation call decodes (0: all 1,024):
-# their KV cache is 256 KiB a token, 768 MiB a 3k-token sequence.
+# their KV cache is 256 KiB a token, 768 MiB a 3k-token sequence, and their
+# prompts are prefilled at once (`python -m m2.tools.memory` plans both).
 _MESHES = {
     # fp32 master weights + Adam need 16 B/param = 525 GB: more than 8 x 80 GB
     # holds with activations, so this mesh keeps weights and moments in bf16.
     "h100x8": dict(shape=(1, 8, 1), param_dtype="bfloat16", batch=8, rl_microbatches=16,
                    rollout_rows=256),
     "v5p64": dict(shape=(1, -1, 1), param_dtype="float32", batch=32, rl_microbatches=4,
-                  rollout_rows=0),
+                  rollout_rows=512),
 }
 
 
@@ -104,7 +105,8 @@ def get_config(arg: str = "h100x8"):
       sources=("agentclinic", "mediq"), reward=dict(weights=dict(rubric=1.0, format=0.2,
                                                                  safety=0.5))))
   c.rl_rubric.train.update(steps=200)
-  # Consultations grow to 8k tokens (2.1 GiB of cache each): a quarter of the rows.
+  # Consultations grow to 8k tokens (2.1 GiB of cache each, and an 8k-token prefill
+  # every turn): a quarter of the rows.
   c.rl_multiturn = ml_collections.ConfigDict(dict(c.rl_rubric.to_dict(), max_turns=10,
                                                   max_new_tokens=512, length_multiple=1024,
                                                   rollout_rows=rollout_rows // 4))

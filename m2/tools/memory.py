@@ -370,7 +370,7 @@ class RolloutPlan:
 
   state: int         # params + optimizer state (exact)
   kv_cache: int      # the sampler's K and V caches (exact: `KVCache.init` shapes, sharded)
-  working: int       # one layer's gathered weights, a compute-dtype weight copy, logits
+  working: int       # gathered weights, the prefill's activations, sampling buffers
   total: int
   rows: int = 0      # sequences decoded at once
   cache_length: int = 0
@@ -393,31 +393,59 @@ def kv_cache_bytes(model_cfg: ModelConfig, sharder: "_Sharder", rows: int,
 
 def rollout_plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
                  rules: parallel.Rules = parallel.DEFAULT_RULES, rows: int = 8,
-                 cache_length: int = 4096, *, num_devices: int | None = None,
-                 mesh_axes: Sequence[str] = parallel.MESH_AXES, tx=None) -> RolloutPlan:
-  """Per-device memory of generating `rows` sequences of up to `cache_length` tokens
-  (one `Sampler.generate` call, or one part of it under `max_rows`) beside the train
-  state. The cache is exact; the working set is an upper estimate: a compute-dtype
-  copy of the weights, one layer's weights gathered twice over (prefetch), and four
-  fp32 [rows, vocab] buffers for sampling (logits, log-softmax, sorted, probabilities)."""
+                 cache_length: int = 4096, prompt_length: int | None = None, *,
+                 num_devices: int | None = None, mesh_axes: Sequence[str] = parallel.MESH_AXES,
+                 tx=None) -> RolloutPlan:
+  """Per-device memory of generating `rows` sequences (prompts of up to `prompt_length`
+  tokens, default `cache_length`) in a cache of `cache_length` slots: one
+  `Sampler.generate` call, or one part of it under `max_rows`, beside the train state.
+
+  The cache is exact. The working set is what XLA keeps besides it with the scan
+  forward (the accelerator default), read from the compiled sampler on CPU
+  (tests/tools/memory_test.py holds the plan within 20 %): the input and output
+  embedding tables gathered over the batch (FSDP) axes for the whole call, two
+  layers' gathered weights, the prefill's [tokens, 2 x mlp] activations three
+  times over, and four fp32 [rows, vocab] sampling buffers.
+  """
   mesh = _abstract_mesh(mesh_shape, mesh_axes, num_devices)
   parallel.check_rules(rules, mesh_axes)
   sh = _Sharder(mesh, rules)
   state = abstract_state(model_cfg, tx)
-  params = _state_bytes(state.params, sh)
-  resident = params + _state_bytes(state.opt_state, sh)
+  resident = _state_bytes(state.params, sh) + _state_bytes(state.opt_state, sh)
   batch_axes = [a for a in jax.tree.leaves(parallel.logical_to_spec(("batch",), rules)[0] or ())
                 if a is not None]
   c = model_cfg
-  cb, pb = jnp.dtype(c.compute_dtype).itemsize, jnp.dtype(c.weight_dtype).itemsize
-  cast = 0 if cb == pb else params * cb // pb
-  layer = _state_bytes(state.params["blocks"], sh, drop=batch_axes) // c.num_layers * cb // pb
-  local_rows = sh.local((rows,), ("batch",))[0]
-  logits = 4 * local_rows * c.vocab_size * 4
+  def gathered(tree):   # a copy only where the batch (FSDP) axes shard the weights
+    full = _state_bytes(tree, sh, drop=batch_axes)
+    return full if full != _state_bytes(tree, sh) else 0
+  tables = state.params["embed"] if c.tie_embeddings else (state.params["embed"],
+                                                           state.params["lm_head"])
+  embeddings = gathered(tables) * (2 if c.tie_embeddings else 1)
+  layer = gathered(state.params["blocks"]) // c.num_layers
+  b, t, m = sh.local((rows, prompt_length or cache_length, 2 * c.mlp_dim),
+                     ("batch", "length", "mlp"))
+  prefill = 3 * b * t * m * jnp.dtype(c.compute_dtype).itemsize
+  logits = 4 * b * c.vocab_size * 4
   cache = kv_cache_bytes(c, sh, rows, cache_length)
-  working = cast + 2 * layer + logits
+  working = embeddings + 2 * layer + prefill + logits
   return RolloutPlan(state=resident, kv_cache=cache, working=working,
                      total=resident + cache + working, rows=rows, cache_length=cache_length)
+
+
+def rollout_plan_from_config(config, stage: str, num_devices: int | None = None) -> RolloutPlan:
+  """The rollout plan of an RL stage (or sft_rs): its rows per generation call
+  (`rollout_rows`, else all samples of a step) and their longest cache."""
+  from m2.sampling.sampler import length_bucket
+  from m2.train.loop import MeshConfig
+  mesh_cfg = configlib.build(MeshConfig, config.mesh, "config.mesh")
+  s = config[stage]
+  samples = s.train.batch_size * (s.grpo.group_size if "grpo" in s else s.samples_per_prompt)
+  # Consultations grow to train.seq_len; single turns to the prompt bucket + the answer.
+  prompt = s.train.seq_len if stage == "rl_multiturn" else length_bucket(s.max_prompt_len)
+  cache_length = -(-(prompt + s.max_new_tokens) // 64) * 64
+  return rollout_plan(model_config_from(config.model), mesh_cfg.shape, mesh_cfg.rules,
+                      rows=s.get("rollout_rows", 0) or samples, cache_length=cache_length,
+                      prompt_length=prompt, num_devices=num_devices, mesh_axes=mesh_cfg.axes)
 
 
 def _train_section(config, stage: str | None):
@@ -455,22 +483,6 @@ def plan_args_from_config(config, stage: str | None = None) -> dict[str, Any]:
               rules=mesh_cfg.rules, mesh_axes=mesh_cfg.axes,
               batch=_rows_per_update(stage_cfg, train_cfg.batch_size), seq_len=train_cfg.seq_len,
               tx=make_optimizer(train_cfg.optimizer), microbatches=train_cfg.microbatches)
-
-
-def rollout_plan_from_config(config, stage: str, num_devices: int | None = None) -> RolloutPlan:
-  """The rollout plan of an RL stage (or sft_rs): its rows per generation call
-  (`rollout_rows`, else all samples of a step) and their longest cache."""
-  from m2.sampling.sampler import length_bucket
-  from m2.train.loop import MeshConfig
-  mesh_cfg = configlib.build(MeshConfig, config.mesh, "config.mesh")
-  s = config[stage]
-  samples = s.train.batch_size * (s.grpo.group_size if "grpo" in s else s.samples_per_prompt)
-  # Consultations grow to train.seq_len; single turns to the prompt bucket + the answer.
-  prompt = s.train.seq_len if stage == "rl_multiturn" else length_bucket(s.max_prompt_len)
-  cache_length = -(-(prompt + s.max_new_tokens) // 64) * 64
-  return rollout_plan(model_config_from(config.model), mesh_cfg.shape, mesh_cfg.rules,
-                      rows=s.get("rollout_rows", 0) or samples, cache_length=cache_length,
-                      num_devices=num_devices, mesh_axes=mesh_cfg.axes)
 
 
 def plan_from_config(config, num_devices: int | None = None, stage: str | None = None,

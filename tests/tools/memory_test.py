@@ -189,3 +189,36 @@ def test_kv_cache_bytes_are_what_the_sampler_allocates(layers):
                    for x in jax.tree.leaves((cache.k, cache.v, cache.segments)))
   assert per_device == memory.kv_cache_bytes(cfg, memory._Sharder(mesh, parallel.DEFAULT_RULES),
                                              rows=8, cache_length=320)
+
+
+@pytest.mark.parametrize("mesh_shape,dtype,tied", [
+    ((1, 1, 1), "float32", True), ((2, 2, 2), "float32", False), ((1, 8, 1), "bfloat16", True)])
+def test_rollout_plan_matches_the_compiled_sampler(mesh_shape, dtype, tied):
+  """The sampler's part of the rollout plan (params, cache, working set) against XLA's
+  accounting of the compiled generation call (prefill + decode loop, scan forward)."""
+  from m2.sampling import Sampler, SamplingParams
+  n = math.prod(mesh_shape)
+  mesh = parallel.make_mesh(mesh_shape, devices=jax.devices()[:n])
+  cfg = MEDIUM.replace(dtype=dtype, tie_embeddings=tied)
+  model = parallel.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+  sampler = Sampler(model, mesh=mesh, layers="scan")
+  start, seen = sampler._start_jit, {}
+
+  def spy(*args, **kw):   # keep the call's shapes and shardings to compile it again
+    seen["args"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                                if isinstance(x, jax.Array) else x, (args, kw))
+    return start(*args, **kw)
+  sampler._start_jit = spy
+  out = sampler.generate(nnx.state(model), [[1] * 200] * 16,
+                         SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8))
+  args, kw = seen["args"]
+  with parallel.sharding_context(mesh):
+    stats = start.lower(*args, **kw).compile().memory_analysis()
+  xla = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+         - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+  p = memory.rollout_plan(cfg, mesh_shape, rows=16, cache_length=out.stats["cache_length"],
+                          prompt_length=out.stats["prefill_length"], num_devices=n)
+  params = memory._state_bytes(memory.abstract_state(cfg).params,
+                               memory._Sharder(mesh, parallel.DEFAULT_RULES))
+  ratio = (params + p.kv_cache + p.working) / xla
+  assert 0.8 < ratio < 1.2, (mesh_shape, dtype, tied, ratio, p, stats)
