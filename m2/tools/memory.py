@@ -378,6 +378,17 @@ class RolloutPlan:
   def fits(self, hbm_bytes: float) -> bool:
     return self.total <= hbm_bytes
 
+  def table(self, hbm_gib: float | None = None) -> str:
+    lines = [f"rollout per device: {self.rows} sequences at once, cache {self.cache_length} slots",
+             f"  train state   {_size(self.state):>10}  resident (params + optimizer)",
+             f"  KV cache      {_size(self.kv_cache):>10}",
+             f"  working set   {_size(self.working):>10}  gathered weights, prefill, sampling",
+             f"  total         {_size(self.total):>10}"]
+    if hbm_gib:
+      verdict = "fits" if self.fits(hbm_gib * GiB) else "does NOT fit"
+      lines.append(f"  {verdict} in {hbm_gib:g} GiB ({self.total / (hbm_gib * GiB):.0%} used)")
+    return "\n".join(lines)
+
 
 def kv_cache_bytes(model_cfg: ModelConfig, sharder: "_Sharder", rows: int,
                    cache_length: int) -> int:
@@ -514,6 +525,9 @@ def main(argv):
   p = plan(**args, remat_policy=f.remat, num_devices=f.devices)
   print(p.table(f.hbm_gib))
   print(p.to_json())
+  stage = f.config[f.stage] if f.config is not None and f.stage else None
+  if stage is not None and ("grpo" in stage or "samples_per_prompt" in stage):
+    print(rollout_plan_from_config(f.config, f.stage, f.devices).table(f.hbm_gib))
 
 
 def _define_flags():

@@ -146,6 +146,14 @@ def test_command_line():
   assert "data 1 x fsdp 8 x tensor 1 (8 devices), global batch 8 x 4096" in out
   assert "fits in 80 GiB" in out or "does NOT fit in 80 GiB" in out
   assert out.strip().splitlines()[-1].startswith('{"params": ')
+  # An RL stage of a config: its update (micro-batched) and its rollout.
+  out = subprocess.run(
+      [sys.executable, "-m", "m2.tools.memory", "--config=configs/qwen2_5_32b.py:h100x8",
+       "--stage=rl_rule", "--devices=8", "--hbm_gib=80"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
+  assert "global batch 128 x 4096, 16 micro-batches of 8" in out
+  assert "rollout per device: 256 sequences at once, cache 3072 slots" in out
+  assert "does NOT fit" not in out
 
 
 # The hardware each shipped config's docstring names: (devices, GiB per device).
