@@ -193,6 +193,11 @@ class _Sharder:
     return math.prod(self.local(shape, axes, drop)) * jnp.dtype(dtype).itemsize
 
 
+def _batch_axes(rules) -> list[str]:
+  """The mesh axes the rules shard the batch over (FSDP shards the weights over them too)."""
+  return jax.tree.leaves(parallel.logical_to_spec(("batch",), rules)[0])
+
+
 def _state_bytes(tree, sharder: _Sharder, drop: Sequence[str] = ()) -> int:
   """Per-device bytes of an abstract nnx State / pytree, using `logical_axes` metadata."""
   total = 0
@@ -301,9 +306,7 @@ def plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
   mesh = _abstract_mesh(mesh_shape, mesh_axes, num_devices)
   parallel.check_rules(rules, mesh_axes)
   sh = _Sharder(mesh, rules)
-  batch_spec = parallel.logical_to_spec(("batch",), rules)
-  batch_axes = [a for a in (batch_spec[0] if isinstance(batch_spec[0], tuple)
-                            else (batch_spec[0],)) if a is not None]
+  batch_axes = _batch_axes(rules)
   shards = math.prod(mesh.shape[a] for a in batch_axes)
   if batch % (shards * microbatches):
     raise ValueError(f"batch {batch} is not divisible by the {shards} batch shards "
@@ -423,8 +426,7 @@ def rollout_plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
   sh = _Sharder(mesh, rules)
   state = abstract_state(model_cfg, tx)
   resident = _state_bytes(state.params, sh) + _state_bytes(state.opt_state, sh)
-  batch_axes = [a for a in jax.tree.leaves(parallel.logical_to_spec(("batch",), rules)[0] or ())
-                if a is not None]
+  batch_axes = _batch_axes(rules)
   c = model_cfg
   def gathered(tree):   # a copy only where the batch (FSDP) axes shard the weights
     full = _state_bytes(tree, sh, drop=batch_axes)
