@@ -63,10 +63,25 @@ def query_blocks(t: int) -> list[tuple[int, int]]:
   return [(lo, min(lo + size, t)) for lo in range(0, t, size)]
 
 
-def _block_scores(q, k, segments, lo: int, hi: int):
-  """fp32 scores of query rows [lo, hi) against keys [0, hi), masked: [B, K, G, hi-lo, hi]."""
-  scores = jnp.einsum("bkgtd,bksd->bkgts", q[:, :, :, lo:hi], k[:, :, :hi],
-                      preferred_element_type=jnp.float32)
+def _after(x, dep):
+  """x, but computed only once `dep` is: orders two otherwise independent ops.
+
+  XLA CPU drops `optimization_barrier` before scheduling. Without an order its
+  scheduler starts every query block's score matmul up front and keeps all the
+  blocks' [B, K, G, rows, keys] tensors live together (at T 2048 that held a
+  layer's backward at 16 blocks' scores instead of one's). A non-finite `dep`
+  makes x NaN; it only ever is where the gradients are already non-finite.
+  """
+  return x + jnp.zeros((), x.dtype) * dep.ravel()[0].astype(x.dtype)
+
+
+def _block_scores(q, k, segments, lo: int, hi: int, after=None):
+  """fp32 scores of query rows [lo, hi) against keys [0, hi), masked: [B, K, G, hi-lo, hi].
+
+  after: an array the previous block produced; this block waits for it (`_after`).
+  """
+  q = q[:, :, :, lo:hi] if after is None else _after(q[:, :, :, lo:hi], after)
+  scores = jnp.einsum("bkgtd,bksd->bkgts", q, k[:, :, :hi], preferred_element_type=jnp.float32)
   q_seg, k_seg = segments[:, lo:hi, None], segments[:, None, :hi]
   visible = ((jnp.arange(lo, hi)[:, None] >= jnp.arange(hi)[None, :])[None]
              & (q_seg == k_seg) & (k_seg != 0))
@@ -93,7 +108,7 @@ def causal_attention(q, k, v, segments):
 def _causal_attention_fwd(q, k, v, segments):
   outs, lses = [], []
   for lo, hi in query_blocks(q.shape[3]):
-    scores = _block_scores(q, k, segments, lo, hi)
+    scores = _block_scores(q, k, segments, lo, hi, after=outs[-1] if outs else None)
     top = jnp.max(scores, axis=-1, keepdims=True)
     p = jnp.exp(scores - top)
     total = jnp.sum(p, axis=-1, keepdims=True)
@@ -112,7 +127,7 @@ def _causal_attention_bwd(res, d_out):
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   d_q, d_k, d_v = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
   for lo, hi in query_blocks(q.shape[3]):
-    p = jnp.exp(_block_scores(q, k, segments, lo, hi) - lse[:, :, :, lo:hi])
+    p = jnp.exp(_block_scores(q, k, segments, lo, hi, after=d_k) - lse[:, :, :, lo:hi])
     d_out_i = d_out[:, :, :, lo:hi]
     d_v = d_v.at[:, :, :hi].add(jnp.einsum("bkgts,bkgtd->bksd", p.astype(dt), d_out_i,
                                            preferred_element_type=jnp.float32))

@@ -32,8 +32,6 @@ block's scores at a time. The working-set coefficients are fitted to
 plan within 15 % of it. Caveats:
   * bf16 on CPU: XLA CPU upcasts stacked bf16 residuals to fp32 in the backward
     loop, so `remat none` + bf16 uses up to 25 % more there than planned.
-  * With many tokens per device and a large vocab the loss term is an
-    overestimate (8 x 1024 tokens, vocab 32768, one device: plan 1.20x XLA).
   * `dots` and `dots_no_batch` are counted from the layer's matmul outputs but
     not fitted: XLA keeps up to 2x more per layer than planned.
   * GPU/TPU compilers fuse the loss and attention better and keep bf16
@@ -66,8 +64,11 @@ POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")  # remat polici
 
 # Live [B,T,V] tensors at the loss backward, in fp32 units, by compute dtype bytes:
 # the fp32 logits the fused head saves and d(logits) in the compute dtype
-# (`m2.model.head`).
-LOSS_COPIES = {4: 2.0, 2: 1.5}
+# (`m2.model.head`). In fp32 XLA writes d(logits) over the logits: one copy, plus
+# 0.15 fitted (the heap's fragmentation).
+LOSS_COPIES = {4: 1.15, 2: 1.5}
+# [B,T,E] fp32 tensors live beside them (hidden states, their norm, d(hidden)); fitted.
+LOSS_HIDDEN_COPIES = 8
 # One layer's backward, in units of that layer's activations (fitted on CPU,
 # see module docstring): [B,T,M] MLP tensors, [B,K,G,T,S] attention tensors,
 # [B,T,E]-sized tensors, and copies of the layer's (gathered) weights.
@@ -349,12 +350,13 @@ def plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
   head = state.params["embed" if c.tie_embeddings else "lm_head"]
   head_full = _state_bytes(head, sh, drop=batch_axes)
 
-  loss = int(LOSS_COPIES[cb] * b * t * v * 4) + head_full
   # Under FSDP the all-gathered embedding table of the forward lookup is still live
-  # while the layers run backward (XLA's schedule on CPU).
+  # through the backward (XLA's schedule on CPU).
   embed_local = _state_bytes(state.params["embed"], sh)
   embed_full = _state_bytes(state.params["embed"], sh, drop=batch_axes)
   leftover = embed_full if embed_full != embed_local else 0
+  loss = (int((LOSS_COPIES[cb] * v + LOSS_HIDDEN_COPIES * e) * b * t * 4)
+          + head_full + leftover)
   backward = _layer_backward(policy, u, weights) + leftover
   inputs = 5 * (batch // shards) * t * 4  # inputs, targets, positions, segments, loss_mask
   activations = saved + max(loss, backward) + inputs

@@ -59,6 +59,10 @@ CASES = [
     # Long sequences: the attention's saved state and working set must stay O(T).
     ("tiny", (2, 2, 2), "full", 1024, 1),
     ("medium", (1, 8, 1), "none", 2048, 1),
+    # One device, long sequence: the query blocks' backward must run one at a time.
+    ("tiny", (1, 1, 1), "full", 2048, 1),
+    # Many tokens x a large vocab on one device: the loss backward dominates.
+    ("medium", (1, 1, 1), "full", 1024, 1),
     # Gradient accumulation: one micro-batch's activations, an fp32 gradient sum.
     ("medium", (1, 1, 1), "none", 256, 4),
     ("tiny", (2, 2, 2), "full", 1024, 2),
