@@ -75,31 +75,35 @@ class Transformer(nnx.Module):
     else:
       cache_segments = None
 
-    def layer(x, xs):
-      state, kv = xs
+    def layer(carry, state):
+      # The stacked cache is carried and each layer's slice updated in place: as scan
+      # inputs and outputs it would be a second whole cache, rewritten every call.
+      x, kv, i = carry
+      layer_kv = None if kv is None else jax.tree.map(
+          lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), kv)
       y, new_kv = nnx.merge(block_def, state)(
-          x, positions, segments, kv, cache_segments, None if cache is None else cache.index)
-      return y, (new_kv if cache is not None else None)
+          x, positions, segments, layer_kv, cache_segments,
+          None if cache is None else cache.index)
+      if kv is not None:
+        kv = jax.tree.map(lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, i, 0),
+                          kv, new_kv)
+      return (y, kv, i + 1), None
 
     if cfg.remat_policy != "none":
       layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
 
-    kv_in = None if cache is None else (cache.k, cache.v)
+    carry = (x, None if cache is None else (cache.k, cache.v), jnp.zeros((), jnp.int32))
     if cfg.scan_layers:
-      x, kv_out = jax.lax.scan(layer, x, (block_state, kv_in))
+      carry, _ = jax.lax.scan(layer, carry, block_state)
     else:
-      outs = []
       for i in range(cfg.num_layers):
-        xs = jax.tree.map(lambda a, i=i: a[i], (block_state, kv_in))
-        x, kv = layer(x, xs)
-        outs.append(kv)
-      kv_out = jax.tree.map(lambda *a: jnp.stack(a), *outs) if cache is not None else None
+        carry, _ = layer(carry, jax.tree.map(lambda a, i=i: a[i], block_state))
+    x, kv, _ = carry
 
     x = self.final_norm(x)
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(k=kv_out[0], v=kv_out[1], segments=cache_segments,
-                          index=cache.index + t)
+      new_cache = KVCache(k=kv[0], v=kv[1], segments=cache_segments, index=cache.index + t)
     if return_hidden:
       return x, new_cache
     return self.logits(x), new_cache

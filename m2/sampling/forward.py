@@ -1,8 +1,9 @@
 """How the sampler runs an m2 Transformer: the model's own scan, or unrolled layers.
 
 `ScanForward` calls `Transformer.__call__` as is: a `lax.scan` over the stacked
-layer weights and the stacked cache. On GPU and TPU, XLA reads
-each layer's slice in place, and this is the right choice.
+layer weights that carries the stacked cache and updates each layer's slice in
+place. On GPU and TPU, XLA reads each layer's slice in place, and this is the
+right choice.
 
 `UnrolledForward` runs the same `Block`s in a Python loop over per-layer
 weights and a per-layer cache (`LayerCache`: L separate key and value buffers).

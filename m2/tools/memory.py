@@ -420,8 +420,8 @@ def rollout_plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
   forward (the accelerator default), read from the compiled sampler on CPU
   (tests/tools/memory_test.py holds the plan within 20 %): the input and output
   embedding tables gathered over the batch (FSDP) axes for the whole call, two
-  layers' gathered weights, the prefill's [tokens, 2 x mlp] activations three
-  times over, and four fp32 [rows, vocab] sampling buffers.
+  layers' gathered weights, the prefill's [tokens, 2 x mlp] activations and five
+  [tokens, embed] ones, and four fp32 [rows, vocab] sampling buffers.
   """
   mesh = _abstract_mesh(mesh_shape, mesh_axes, num_devices)
   parallel.check_rules(rules, mesh_axes)
@@ -437,12 +437,16 @@ def rollout_plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
                                                            state.params["lm_head"])
   embeddings = gathered(tables) * (2 if c.tie_embeddings else 1)
   layer = gathered(state.params["blocks"]) // c.num_layers
+  # Weights no collective gathers are cast to the compute dtype once, for all layers.
+  pb, cb = jnp.dtype(c.weight_dtype).itemsize, jnp.dtype(c.compute_dtype).itemsize
+  cast = _state_bytes(state.params, sh) * cb // pb if not layer and cb != pb else 0
   b, t, m = sh.local((rows, prompt_length or cache_length, 2 * c.mlp_dim),
                      ("batch", "length", "mlp"))
-  prefill = 3 * b * t * m * jnp.dtype(c.compute_dtype).itemsize
+  e = sh.local((c.embed_dim,), ("embed",))[0]
+  prefill = b * t * (m + 5 * e) * cb
   logits = 4 * b * c.vocab_size * 4
   cache = kv_cache_bytes(c, sh, rows, cache_length)
-  working = embeddings + 2 * layer + prefill + logits
+  working = embeddings + 2 * layer + cast + prefill + logits
   return RolloutPlan(state=resident, kv_cache=cache, working=working,
                      total=resident + cache + working, rows=rows, cache_length=cache_length)
 

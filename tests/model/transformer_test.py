@@ -42,6 +42,24 @@ def test_prefill_then_decode_matches_full_forward(family, batch):
   assert int(cache.index) == 13
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_decode_step_updates_the_stacked_cache_in_place(batch):
+  """The scan carries the cache: a donated step holds a layer's slice or two of it, not a
+  second whole cache (which scanning over it as inputs and outputs would)."""
+  m = model(num_layers=8)
+  graphdef, state = nnx.split(m)
+  cache = KVCache.init(m.cfg, batch=batch, max_length=4096)
+
+  def step(state, cache, token, position):
+    return nnx.merge(graphdef, state)(token, positions=position, cache=cache)
+
+  token = jnp.ones((batch, 1), jnp.int32)
+  stats = jax.jit(step, donate_argnums=1).lower(state, cache, token, token).compile() \
+      .memory_analysis()
+  cache_bytes = sum(x.nbytes for x in (cache.k, cache.v))
+  assert stats.temp_size_in_bytes < cache_bytes / 2, (stats.temp_size_in_bytes, cache_bytes)
+
+
 def test_left_padded_batch_decodes_like_unpadded_rows():
   m = model()
   a, b = tokens(1, 7, seed=1), tokens(1, 4, seed=2)

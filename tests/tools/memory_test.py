@@ -204,7 +204,8 @@ def test_kv_cache_bytes_are_what_the_sampler_allocates(layers):
 
 
 @pytest.mark.parametrize("mesh_shape,dtype,tied", [
-    ((1, 1, 1), "float32", True), ((2, 2, 2), "float32", False), ((1, 8, 1), "bfloat16", True)])
+    ((1, 1, 1), "float32", True), ((2, 2, 2), "float32", False), ((1, 8, 1), "bfloat16", True),
+    ((2, 1, 4), "bfloat16", True)])
 def test_rollout_plan_matches_the_compiled_sampler(mesh_shape, dtype, tied):
   """The sampler's part of the rollout plan (params, cache, working set) against XLA's
   accounting of the compiled generation call (prefill + decode loop, scan forward)."""
