@@ -70,7 +70,8 @@ def _after(x, dep):
   scheduler starts every query block's score matmul up front and keeps all the
   blocks' [B, K, G, rows, keys] tensors live together (at T 2048 that held a
   layer's backward at 16 blocks' scores instead of one's). A non-finite `dep`
-  makes x NaN; it only ever is where the gradients are already non-finite.
+  (an earlier block's output or gradient sum) makes x NaN, where the result
+  would not be finite anyway.
   """
   return x + jnp.zeros((), x.dtype) * dep.ravel()[0].astype(x.dtype)
 

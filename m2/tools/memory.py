@@ -91,7 +91,7 @@ class MemoryPlan:
   # Parts of `activations`.
   saved_per_layer: int     # residuals one layer keeps for the backward pass
   saved: int               # all layers' residuals (num_layers x saved_per_layer + hoisted)
-  loss: int                # loss working set ([B,T,V] fp32 copies + the head's full gradient)
+  loss: int                # loss working set ([B,T,V] and [B,T,E] copies, the head's gradient)
   layer_backward: int      # one layer's backward (recompute, cotangents) + what the loss leaves
   inputs: int              # the batch arrays
   # What was planned.
