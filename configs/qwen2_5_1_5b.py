@@ -33,7 +33,8 @@ def get_config():
       preset="qwen2_5_1_5b", hf_checkpoint="",
       dtype="bfloat16", param_dtype="float32", remat_policy="dots_no_batch"))
   c.mesh = ml_collections.ConfigDict(dict(
-      shape=(1, -1, 1), axes=parallel.MESH_AXES, rules=tuple(parallel.DEFAULT_RULES)))
+      shape=(1, -1, 1), axes=parallel.MESH_AXES, rules=tuple(parallel.DEFAULT_RULES),
+      rollout_rules=None))
   c.data = ml_collections.ConfigDict(dict(
       data_dir="", cache_dir="",
       tokenizer="",         # "": the HF checkpoint's tokenizer.json

@@ -39,10 +39,14 @@ MEDICAL = ("agentclinic", "mediq_qa", "mts_dialog", "aci_bench", "pubmedqa", "cm
 _MESHES = {
     # fp32 master weights + Adam need 16 B/param = 525 GB: more than 8 x 80 GB
     # holds with activations, so this mesh keeps weights and moments in bf16.
+    # Rollouts reshard the weights Megatron-style (8 kv heads, one per GPU) instead of
+    # all-gathering all 64 GB of them on every decode step.
     "h100x8": dict(shape=(1, 8, 1), param_dtype="bfloat16", batch=8, rl_microbatches=16,
-                   rollout_rows=256),
+                   rollout_rows=256, multiturn_rollout_rows=32,
+                   rollout_rules=tuple(parallel.DECODE_RULES)),
+    # 8 kv heads do not split 32 ways, so v5p-64 generates in the training layout.
     "v5p64": dict(shape=(1, -1, 1), param_dtype="float32", batch=32, rl_microbatches=4,
-                  rollout_rows=512),
+                  rollout_rows=512, multiturn_rollout_rows=128, rollout_rules=None),
 }
 
 
@@ -59,7 +63,8 @@ def get_config(arg: str = "h100x8"):
       hf_checkpoint="",     # required for real runs: a local Qwen2.5-32B folder
       dtype="bfloat16", param_dtype=param_dtype, remat_policy="full"))
   c.mesh = ml_collections.ConfigDict(dict(
-      shape=shape, axes=parallel.MESH_AXES, rules=tuple(parallel.DEFAULT_RULES)))
+      shape=shape, axes=parallel.MESH_AXES, rules=tuple(parallel.DEFAULT_RULES),
+      rollout_rules=_MESHES[arg]["rollout_rules"]))
   c.data = ml_collections.ConfigDict(dict(
       data_dir="", cache_dir="",
       tokenizer="",         # "": the HF checkpoint's tokenizer.json
@@ -106,10 +111,10 @@ def get_config(arg: str = "h100x8"):
                                                                  safety=0.5))))
   c.rl_rubric.train.update(steps=200)
   # Consultations grow to 8k tokens (2.1 GiB of cache each, and an 8k-token prefill
-  # every turn): a quarter of the rows.
-  c.rl_multiturn = ml_collections.ConfigDict(dict(c.rl_rubric.to_dict(), max_turns=10,
-                                                  max_new_tokens=512, length_multiple=1024,
-                                                  rollout_rows=rollout_rows // 4))
+  # every turn): fewer rows at once.
+  c.rl_multiturn = ml_collections.ConfigDict(dict(
+      c.rl_rubric.to_dict(), max_turns=10, max_new_tokens=512, length_multiple=1024,
+      rollout_rows=_MESHES[arg]["multiturn_rollout_rows"]))
   c.rl_multiturn.train.update(steps=200, batch_size=32, seq_len=8192,
                               microbatches=rl_micro // 2)
   c.eval = ml_collections.ConfigDict(dict(

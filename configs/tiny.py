@@ -50,9 +50,11 @@ def get_config():
       dtype="float32", param_dtype="float32", remat_policy="none"))
 
   # All CPU devices on the fsdp axis; on one device this is a 1x1x1 mesh.
+  # rollout_rules: how the samplers shard the weights, e.g. parallel.DECODE_RULES
+  # (None: as in training).
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(1, -1, 1), axes=parallel.MESH_AXES,
-      rules=tuple(parallel.DEFAULT_RULES)))
+      rules=tuple(parallel.DEFAULT_RULES), rollout_rules=None))
 
   c.data = ml_collections.ConfigDict(dict(
       data_dir="",          # default: $M2_DATA_DIR or ../shared/data

@@ -40,6 +40,24 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("cache_length", None),
 )
 
+# Generation (`MeshConfig.rollout_rules`): weights split Megatron-style over heads,
+# MLP and vocab on both `fsdp` and `tensor`, and rows over `data` only. A decode
+# step then reads its own weight shard and all-reduces [rows, embed] twice a layer;
+# under DEFAULT_RULES it all-gathers every layer's weights on every step.
+DECODE_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", "data"),
+    ("length", None),
+    ("embed", None),
+    ("heads", None),
+    ("kv_heads", ("fsdp", "tensor")),
+    ("head_dim", None),
+    ("mlp", ("fsdp", "tensor")),
+    ("vocab", ("fsdp", "tensor")),
+    ("layers", None),
+    ("norm", None),
+    ("cache_length", None),
+)
+
 LOGICAL_AXES = frozenset(name for name, _ in DEFAULT_RULES)
 
 Rules = Sequence[tuple[str, Any]]

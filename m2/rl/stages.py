@@ -159,7 +159,7 @@ class _Setup:
     if not self.fmt.stop_ids:
       raise ValueError(f"tokenizer {self.data_cfg.tokenizer!r} has no <|im_end|> token to "
                        f"end a turn; RL needs a chat-capable tokenizer")
-    self.sampler = Sampler.for_config(model_cfg, mesh=mesh, rules=stage_rules(config),
+    self.sampler = Sampler.for_config(model_cfg, mesh=mesh, rules=sampler_rules(config),
                                       tokenizer=self.tokenizer, pad_id=self.tokenizer.pad_id,
                                       max_rows=stage.rollout_rows)
     self.config, self.mesh = config, mesh
@@ -169,7 +169,7 @@ class _Setup:
     policy's mesh, each checkpoint once, with its own sampler."""
     from m2.verifier import VerifierConfig, build_verifier
     cfg = configlib.build(VerifierConfig, self.config.get("verifier", {}), "config.verifier")
-    return build_verifier(cfg, _model_roles(cfg, self.mesh, stage_rules(self.config)))
+    return build_verifier(cfg, _model_roles(cfg, self.mesh, sampler_rules(self.config)))
 
 
 # (max new tokens, temperature) of each model-backed verifier role.
@@ -196,9 +196,10 @@ def _model_roles(cfg, mesh, rules) -> dict:
   return roles
 
 
-def stage_rules(config):
+def sampler_rules(config):
+  """The samplers' sharding rules: `config.mesh.rollout_rules`, else the training rules."""
   from m2.train.loop import MeshConfig
-  return configlib.build(MeshConfig, config.mesh, "config.mesh").rules
+  return configlib.build(MeshConfig, config.mesh, "config.mesh").sampler_rules
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import logging
 from typing import Any, Callable, Sequence
 
 import jax
@@ -59,6 +60,8 @@ from m2.model.transformer import Transformer
 from m2.sampling import cache_ops, processing
 from m2.sampling.forward import make_forward
 from m2.sampling.processing import Features, RowParams
+
+log = logging.getLogger(__name__)
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 _MIN_CHUNK = 16
@@ -199,6 +202,18 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
+def _warn_if_replicated(mesh, rules, cfg: ModelConfig) -> None:
+  """Mesh axes that split neither the rows nor the kv heads repeat all of the work."""
+  rows = parallel.logical_to_spec(("batch",), rules)[0]
+  heads = parallel.logical_to_spec(("kv_heads",), rules, (cfg.num_kv_heads,), mesh)[0]
+  used = {a for entry in (rows, heads) for a in jax.tree.leaves(entry)}
+  idle = {a: n for a, n in mesh.shape.items() if n > 1 and a not in used}
+  if idle:
+    log.warning("the sampler's rules split neither the rows nor the %d kv heads over mesh "
+                "axes %s: every device there generates the same rows in full", cfg.num_kv_heads,
+                idle)
+
+
 class Sampler:
   """Generates from any m2 `Transformer`; parameters are passed per call.
 
@@ -233,6 +248,8 @@ class Sampler:
     self.forward = make_forward(self.graphdef, self.cfg, layers)
     self.mesh, self.rules = mesh, tuple(rules)
     self.data_shards = parallel.batch_shards(mesh, rules) if mesh is not None else 1
+    if mesh is not None:
+      _warn_if_replicated(mesh, self.rules, self.cfg)
     self._decode = (tokenizer.decode if hasattr(tokenizer, "decode") else tokenizer)
     if not 0 <= pad_id < self.cfg.vocab_size:
       raise ValueError(f"pad_id={pad_id} is outside the vocabulary [0, {self.cfg.vocab_size})")

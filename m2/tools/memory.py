@@ -374,6 +374,7 @@ class RolloutPlan:
   """Per-device bytes while an RL stage generates: the learner's state stays resident."""
 
   state: int         # params + optimizer state (exact)
+  resharded: int     # the params again in the sampler's layout (0 when it is the same)
   kv_cache: int      # the sampler's K and V caches (exact: `KVCache.init` shapes, sharded)
   working: int       # gathered weights, the prefill's activations, sampling buffers
   total: int
@@ -386,6 +387,8 @@ class RolloutPlan:
   def table(self, hbm_gib: float | None = None) -> str:
     lines = [f"rollout per device: {self.rows} sequences at once, cache {self.cache_length} slots",
              f"  train state   {_size(self.state):>10}  resident (params + optimizer)",
+             *([f"  resharded     {_size(self.resharded):>10}  params in the sampler's layout"]
+               if self.resharded else []),
              f"  KV cache      {_size(self.kv_cache):>10}",
              f"  working set   {_size(self.working):>10}  gathered weights, prefill, sampling",
              f"  total         {_size(self.total):>10}"]
@@ -411,10 +414,12 @@ def rollout_plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
                  rules: parallel.Rules = parallel.DEFAULT_RULES, rows: int = 8,
                  cache_length: int = 4096, prompt_length: int | None = None, *,
                  num_devices: int | None = None, mesh_axes: Sequence[str] = parallel.MESH_AXES,
-                 tx=None) -> RolloutPlan:
+                 tx=None, sampler_rules: parallel.Rules | None = None) -> RolloutPlan:
   """Per-device memory of generating `rows` sequences (prompts of up to `prompt_length`
   tokens, default `cache_length`) in a cache of `cache_length` slots: one
   `Sampler.generate` call, or one part of it under `max_rows`, beside the train state.
+  The train state is sharded by `rules`, the sampler by `sampler_rules` (default:
+  `rules`; other rules add the resharded copy of the params).
 
   The cache is exact. The working set is what XLA keeps besides it with the scan
   forward (the accelerator default), read from the compiled sampler on CPU
@@ -424,11 +429,15 @@ def rollout_plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
   [tokens, embed] ones, and four fp32 [rows, vocab] sampling buffers.
   """
   mesh = _abstract_mesh(mesh_shape, mesh_axes, num_devices)
+  sampler_rules = tuple(sampler_rules or rules)
   parallel.check_rules(rules, mesh_axes)
-  sh = _Sharder(mesh, rules)
+  parallel.check_rules(sampler_rules, mesh_axes)
   state = abstract_state(model_cfg, tx)
-  resident = _state_bytes(state.params, sh) + _state_bytes(state.opt_state, sh)
-  batch_axes = _batch_axes(rules)
+  train_sh = _Sharder(mesh, rules)
+  resident = _state_bytes(state.params, train_sh) + _state_bytes(state.opt_state, train_sh)
+  sh = _Sharder(mesh, sampler_rules)
+  resharded = _state_bytes(state.params, sh) if sampler_rules != tuple(rules) else 0
+  batch_axes = _batch_axes(sampler_rules)
   c = model_cfg
   def gathered(tree):   # a copy only where the batch (FSDP) axes shard the weights
     full = _state_bytes(tree, sh, drop=batch_axes)
@@ -447,8 +456,9 @@ def rollout_plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
   logits = 4 * b * c.vocab_size * 4
   cache = kv_cache_bytes(c, sh, rows, cache_length)
   working = embeddings + 2 * layer + cast + prefill + logits
-  return RolloutPlan(state=resident, kv_cache=cache, working=working,
-                     total=resident + cache + working, rows=rows, cache_length=cache_length)
+  return RolloutPlan(state=resident, resharded=resharded, kv_cache=cache, working=working,
+                     total=resident + resharded + cache + working, rows=rows,
+                     cache_length=cache_length)
 
 
 def rollout_plan_from_config(config, stage: str, num_devices: int | None = None) -> RolloutPlan:
@@ -464,7 +474,8 @@ def rollout_plan_from_config(config, stage: str, num_devices: int | None = None)
   cache_length = -(-(prompt + s.max_new_tokens) // 64) * 64
   return rollout_plan(model_config_from(config.model), mesh_cfg.shape, mesh_cfg.rules,
                       rows=s.get("rollout_rows", 0) or samples, cache_length=cache_length,
-                      prompt_length=prompt, num_devices=num_devices, mesh_axes=mesh_cfg.axes)
+                      prompt_length=prompt, num_devices=num_devices, mesh_axes=mesh_cfg.axes,
+                      sampler_rules=mesh_cfg.sampler_rules)
 
 
 def _train_section(config, stage: str | None):

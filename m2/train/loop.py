@@ -64,11 +64,20 @@ class MeshConfig:
   shape: tuple[int, ...] = (1, -1, 1)
   axes: tuple[str, ...] = parallel.MESH_AXES
   rules: tuple[tuple[str, Any], ...] = parallel.DEFAULT_RULES
+  # How the samplers shard the weights (e.g. `parallel.DECODE_RULES`); None: `rules`.
+  # The policy's weights are resharded to them once per generation call.
+  rollout_rules: tuple[tuple[str, Any], ...] | None = None
 
   def __post_init__(self):
     if len(self.shape) != len(self.axes):
       raise ValueError(f"MeshConfig.shape {self.shape} must have one entry per axis {self.axes}")
     parallel.check_rules(self.rules, self.axes)
+    if self.rollout_rules is not None:
+      parallel.check_rules(self.rollout_rules, self.axes)
+
+  @property
+  def sampler_rules(self) -> tuple[tuple[str, Any], ...]:
+    return self.rollout_rules or self.rules
 
   def make(self):
     return parallel.make_mesh(self.shape, self.axes)

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from m2 import main
+from m2 import main, parallel
 from m2.rl import stages
 from m2.train.metrics import read_metrics
 
@@ -104,11 +104,23 @@ def test_rl_stages_run_resume_and_hand_on_params(tmp_path, sp_tokenizer, monkeyp
   monkeypatch.setattr(ModelRole, "complete", count)
   c.verifier.update(simulator="model", simulator_checkpoint=str(work / "rl_rule"),
                     grader="model", grader_checkpoint=str(work / "rl_rule"))
+  # All samplers (policy and roles) take their own rules; the one kv head of this model
+  # splits no further, so the mesh splits the rows (the sampler tests split weights).
+  c.mesh.update(shape=(8, 1, 1), rollout_rules=parallel.DECODE_RULES)
+  from m2.sampling import Sampler
+  sampler_rules, real_init = [], Sampler.__init__
+
+  def record(self, *args, **kw):
+    real_init(self, *args, **kw)
+    sampler_rules.append(self.rules)
+
+  monkeypatch.setattr(Sampler, "__init__", record)
   os.remove(work / "rl_multiturn" / "DONE")
   os.rename(work / "rl_multiturn", work / "rl_multiturn_reference")
   assert [r.status for r in main.run(c, str(work), ["rl_multiturn"])] == ["ran"]
   assert calls.get("simulator", 0) >= 8 and calls.get("grader", 0) > 0
   assert read_metrics(str(work / "rl_multiturn"))[0]["rollout/episodes"] == 8
+  assert len(sampler_rules) == 2 and set(sampler_rules) == {parallel.DECODE_RULES}
 
 
 def test_reward_trend():

@@ -320,3 +320,37 @@ def test_sharded_on_a_2x2x2_mesh_gives_the_single_device_output(model, sampler):
   # ... and the batch (bucket 4: one row per data shard) and the cache by theirs.
   k = out.state.cache.k[0]  # layer 0: [batch, kv_heads, head_dim, length]
   assert k.shape[0] == 4 and k.sharding.shard_shape(k.shape)[:2] == (1, 1)
+
+
+
+def generate_and_compile(sampler, params, prompts, sampling):
+  """The output of `sampler.generate` and the compiled HLO text of its generation call."""
+  start, seen = sampler._start_jit, {}
+
+  def spy(*args, **kw):
+    seen["args"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                                if isinstance(x, jax.Array) else x, (args, kw))
+    return start(*args, **kw)
+  sampler._start_jit = spy
+  out = sampler.generate(params, prompts, sampling)
+  args, kw = seen["args"]
+  with parallel.sharding_context(sampler.mesh, sampler.rules):
+    return out, start.lower(*args, **kw).compile().as_text()
+
+
+@pytest.mark.parametrize("layers", ["scan", "unrolled"])
+def test_decode_rules_reshard_the_fsdp_weights_and_never_gather_them(model, sampler, layers):
+  """Training shards weights over `fsdp` (gathered layer by layer); under DECODE_RULES the
+  sampler takes them once, split over heads / MLP / vocab, with the same output."""
+  mesh = parallel.make_mesh((1, 8, 1))
+  trained = jax.device_put(nnx.state(model), parallel.state_shardings(nnx.state(model), mesh))
+  single = sampler.generate(nnx.state(model), PROMPTS, GREEDY)
+  out, hlo = generate_and_compile(Sampler(model, mesh=mesh, rules=parallel.DECODE_RULES,
+                                          layers=layers), trained, PROMPTS, GREEDY)
+  np.testing.assert_array_equal(out.tokens, single.tokens)
+  np.testing.assert_allclose(out.logprobs, single.logprobs, atol=1e-5)
+  assert "all-gather" not in hlo and "all-reduce" in hlo
+  # Under the training rules the same call gathers the weights.
+  _, hlo = generate_and_compile(Sampler(model, mesh=mesh, layers=layers), trained, PROMPTS,
+                                GREEDY)
+  assert "all-gather" in hlo
