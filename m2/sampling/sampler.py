@@ -221,6 +221,9 @@ class Sampler:
             structure is kept.
   mesh:     run sharded: parameters by their logical axes, the batch over the
             rules' `batch` axes, the cache over `batch` and `kv_heads`.
+  rules:    the logical -> mesh axis table for all of that (`parallel.DECODE_RULES`
+            splits weights by heads instead of gathering them); parameters laid out
+            otherwise (e.g. by training) are resharded once per `generate` call.
   tokenizer: object with `.decode(ids) -> str` (or a callable), for stop strings.
   pad_id:   token id used for padding (never attended to).
   seed:     seeds the generator that draws per-row seeds when a request has none.
