@@ -177,17 +177,28 @@ def cached_attention(q, k, v, cache, q_segments, cache_segments, cache_index):
              (k, v, (jnp.arange(t)[:, None] >= jnp.arange(t))[None]
               & same_segment(q_segments, q_segments))]
   dt = q.dtype
-  # Keys are slot-minor: a plain [G, D] x [D, S] matmul per kv head.
-  scores = jnp.concatenate([
-      jnp.einsum("bkgtd,bkds->bkgts", q, keys.astype(dt), preferred_element_type=jnp.float32)
-      + jnp.where(visible, 0.0, -1e30)[:, None, None] for keys, _, visible in parts], axis=-1)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-  outs, lo = [], 0
-  for _, values, _ in parts:
-    outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs[..., lo:lo + values.shape[2]],
-                           values.astype(dt)))
-    lo += values.shape[2]
-  out = sum(outs[1:], outs[0])
+
+  def attend(q, lo, hi):   # query rows [lo, hi) against every part's keys
+    # Keys are slot-minor: a plain [G, D] x [D, S] matmul per kv head.
+    scores = jnp.concatenate([
+        jnp.einsum("bkgtd,bkds->bkgts", q, keys.astype(dt), preferred_element_type=jnp.float32)
+        + jnp.where(visible[:, lo:hi], 0.0, -1e30)[:, None, None]
+        for keys, _, visible in parts], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    outs, first = [], 0
+    for _, values, _ in parts:
+      outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs[..., first:first + values.shape[2]],
+                             values.astype(dt)))
+      first += values.shape[2]
+    return sum(outs[1:], outs[0])
+
+  # A long prefill goes in query blocks, one at a time: its [B, K, G, T, S] scores
+  # would be tens of GB for 256 rows of 1k-token prompts. A decode step is one block.
+  outs = []
+  for lo, hi in query_blocks(t):
+    q_block = q[:, :, :, lo:hi]
+    outs.append(attend(q_block if not outs else _after(q_block, outs[-1]), lo, hi))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
   if q.shape[0] == 1:
     after_read = 0
     if jax.default_backend() == "cpu":

@@ -425,8 +425,9 @@ def rollout_plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
   forward (the accelerator default), read from the compiled sampler on CPU
   (tests/tools/memory_test.py holds the plan within 20 %): the input and output
   embedding tables gathered over the batch (FSDP) axes for the whole call, two
-  layers' gathered weights, the prefill's [tokens, 2 x mlp] activations and five
-  [tokens, embed] ones, and four fp32 [rows, vocab] sampling buffers.
+  layers' gathered weights, the prefill's [tokens, 2 x mlp] activations, five
+  [tokens, embed] ones and one query block's attention scores, and four fp32
+  [rows, vocab] sampling buffers.
   """
   mesh = _abstract_mesh(mesh_shape, mesh_axes, num_devices)
   sampler_rules = tuple(sampler_rules or rules)
@@ -452,7 +453,10 @@ def rollout_plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
   b, t, m = sh.local((rows, prompt_length or cache_length, 2 * c.mlp_dim),
                      ("batch", "length", "mlp"))
   e = sh.local((c.embed_dim,), ("embed",))[0]
-  prefill = b * t * (m + 5 * e) * cb
+  k = sh.local((c.num_kv_heads,), ("kv_heads",))[0]
+  # One query block's fp32 scores and probabilities (`cached_attention`).
+  block = max(hi - lo for lo, hi in query_blocks(t))
+  prefill = b * t * (m + 5 * e) * cb + 2 * b * k * c.q_per_kv * block * cache_length * 4
   logits = 4 * b * c.vocab_size * 4
   cache = kv_cache_bytes(c, sh, rows, cache_length)
   working = embeddings + 2 * layer + cast + prefill + logits

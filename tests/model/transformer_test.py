@@ -60,6 +60,22 @@ def test_a_decode_step_updates_the_stacked_cache_in_place(batch):
   assert stats.temp_size_in_bytes < cache_bytes / 2, (stats.temp_size_in_bytes, cache_bytes)
 
 
+def test_a_long_prefill_attends_one_query_block_at_a_time():
+  """A 2048-token prompt never holds its [B, K, G, T, S] scores at once."""
+  m = model()
+  graphdef, state = nnx.split(m)
+  t = 2048
+  cache = KVCache.init(m.cfg, batch=1, max_length=t)
+
+  def prefill(state, cache, tokens):
+    return nnx.merge(graphdef, state)(tokens, cache=cache, return_hidden=True)
+
+  stats = jax.jit(prefill, donate_argnums=1).lower(state, cache, tokens(1, t)).compile() \
+      .memory_analysis()
+  scores_bytes = m.cfg.num_heads * t * t * 4
+  assert stats.temp_size_in_bytes < scores_bytes, (stats.temp_size_in_bytes, scores_bytes)
+
+
 def test_left_padded_batch_decodes_like_unpadded_rows():
   m = model()
   a, b = tokens(1, 7, seed=1), tokens(1, 4, seed=2)
