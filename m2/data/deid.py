@@ -97,7 +97,7 @@ _DATES = [
 # A dictated date of birth: "date of birth , 5 , 7 , 1961", "DOB: 5-7-61".
 _LABELLED_DOB = re.compile(r"\b(?:date of birth|birth ?date|dob|d\.o\.b\.?|born(?: on)?)\s*[,:]?\s*"
                            r"(?:is\s+)?((?:\d{1,4}\s*[,/.-]\s*){2}\d{2,4})\b", re.I)
-_AGE_NUM = r"(?:9\d|1[0-4]\d)"
+_AGE_NUM = r"(?:9\d|1[0-4]\d)(?!\+)"   # not an age already capped ("90+")
 _AGE_90 = re.compile(
     rf"\b{_AGE_NUM}(?=(?:\s*|-)(?:years?|yrs?)(?:\s*|-)(?:old|of age)\b|\s*(?:y/o|yo|y\.o\.)(?!\w))"
     rf"|(?<=\bage )(?:of )?{_AGE_NUM}\b|(?<=\baged ){_AGE_NUM}\b|(?<=\bage: ){_AGE_NUM}\b"
@@ -118,6 +118,7 @@ _ADDRESS = [
 _CHINESE_NAME = re.compile(
     rf"(?:(?<![\u4e00-\u9fff])|(?<=[问找请是和跟给让叫对者位见与及]))([{lex.CHINESE_SURNAMES}])"
     rf"(?=(?:{'|'.join(lex.CHINESE_TITLES)}))")
+_MAX_PASSES = 4
 _DIGIT = re.compile(r"\d")
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 _MONTH_ANY = re.compile(r"\b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)", re.I)
@@ -169,7 +170,22 @@ class Scrubber:
     """Returns (scrubbed text, counts by category). `names` are people known
     to be in this record (e.g. from its metadata): scrubbed wherever they
     occur, except those that are also everyday words ("Good", "White"), which
-    get the naming-context rules of ambiguous names."""
+    get the naming-context rules of ambiguous names.
+
+    A placeholder can open a word boundary that exposes another match ("March
+    1Smith" -> "March 1[NAME]" -> "[DATE][NAME]"), so passes repeat until the
+    text stops changing: scrubbing the result again changes nothing.
+    """
+    total = collections.Counter()
+    for _ in range(_MAX_PASSES):
+      scrubbed, counts = self._scrub_once(text, names)
+      total += counts
+      if scrubbed == text:
+        break
+      text = scrubbed
+    return text, total
+
+  def _scrub_once(self, text: str, names: Sequence[str]) -> tuple[str, collections.Counter]:
     counts = collections.Counter()
     if not text:
       return text, counts
