@@ -31,7 +31,8 @@ def get_config():
               "export")
   c.model = ml_collections.ConfigDict(dict(
       preset="qwen2_5_1_5b", hf_checkpoint="",
-      dtype="bfloat16", param_dtype="float32", remat_policy="dots_no_batch"))
+      dtype="bfloat16", param_dtype="float32", remat_policy="dots_no_batch",
+      attention="blocked"))  # or "pallas_gpu" (README, Real scale)
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(1, -1, 1), axes=parallel.MESH_AXES, rules=tuple(parallel.DEFAULT_RULES),
       rollout_rules=None))

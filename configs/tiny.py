@@ -47,7 +47,8 @@ def get_config():
       hf_checkpoint="",     # a local HF folder (Qwen2/Qwen3) to start from instead
       family="qwen2", vocab_size=8192, num_layers=4, embed_dim=256, num_heads=4,
       num_kv_heads=2, head_dim=64, mlp_dim=1024, tie_embeddings=False,
-      dtype="float32", param_dtype="float32", remat_policy="none"))
+      dtype="float32", param_dtype="float32", remat_policy="none",
+      attention="blocked"))
 
   # All CPU devices on the fsdp axis; on one device this is a 1x1x1 mesh.
   # rollout_rules: how the samplers shard the weights, e.g. parallel.DECODE_RULES

@@ -80,6 +80,9 @@ def parse_args(argv=None):
   p.add_argument("--preset", default="tiny",
                  help="m2.model.config preset name (tiny, qwen2_5_0_5b, qwen2_5_1_5b, ...)")
   p.add_argument("--remat", default="none", help="m2 remat policy")
+  p.add_argument("--attention", default="blocked", choices=("blocked", "pallas_gpu", "both"),
+                 help="m2's training attention (ModelConfig.attention); 'both' times the "
+                      "two side by side (pallas_gpu is a GPU kernel; interpreted on CPU)")
   p.add_argument("--skip_hf", action="store_true", help="time m2 only")
   p.add_argument("--peak_n", type=int, default=0,
                  help="side of the square matmul that measures the peak (0: 4096 on CPU, "
@@ -220,9 +223,9 @@ def make_batch(cfg, batch: int, seq: int, seed: int):
 # --- m2 -----------------------------------------------------------------------------
 
 class M2Runner:
-  name = "m2"
 
-  def __init__(self, cfg, inputs, targets, seed):
+  def __init__(self, cfg, inputs, targets, seed, name="m2"):
+    self.name = name
     mesh = parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     tx = optim.make_optimizer(OPT)
     graphdef, self.state, shardings = init_train_state(
@@ -312,7 +315,9 @@ class HFRunner:
 
 def main():
   args = ARGS
-  cfg = preset(args.preset, dtype=args.dtype, remat_policy=args.remat)
+  both = args.attention == "both"
+  cfg = preset(args.preset, dtype=args.dtype, remat_policy=args.remat,
+               attention="blocked" if both else args.attention)
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   tokens = args.batch * args.seq
 
@@ -323,7 +328,7 @@ def main():
   print(f"config: preset={args.preset} layers={cfg.num_layers} d={cfg.embed_dim} "
         f"heads={cfg.num_heads}/{cfg.num_kv_heads} head_dim={cfg.head_dim} mlp={cfg.mlp_dim} "
         f"vocab={cfg.vocab_size} tied={cfg.tie_embeddings} dtype={cfg.dtype} "
-        f"remat={cfg.remat_policy}; batch {args.batch} x {args.seq} = {tokens} tokens/step")
+        f"remat={cfg.remat_policy} attention={args.attention}; batch {args.batch} x {args.seq} = {tokens} tokens/step")
 
   peak_n = args.peak_n or (4096 if ON_CPU else 8192)
   wait_for_quiet(args.max_wait, args.max_foreign)
@@ -332,6 +337,9 @@ def main():
 
   inputs, targets = make_batch(cfg, args.batch, args.seq, args.seed)
   runners = [M2Runner(cfg, inputs, targets, args.seed)]
+  if both:
+    runners.append(M2Runner(cfg.replace(attention="pallas_gpu"), inputs, targets, args.seed,
+                            name="m2/pallas_gpu"))
   if not args.skip_hf:
     hf = HFRunner(cfg, inputs, targets, args.seed, args.dtype)
     print(f"transformers {__import__('transformers').__version__}, torch "
@@ -390,17 +398,23 @@ def main():
   for name, med, best, cpu, tps, gfl, mfu in rows:
     print(f"{name:<14}{med * 1e3:>10.1f}{best * 1e3:>10.1f}{cpu * 1e3:>10.0f}{tps:>10.0f}"
           f"{gfl:>10.1f}{mfu * 100:>7.1f}%")
-  m2_tps = rows[0][4]
-  hf_tps = rows[1][4] if len(rows) > 1 else None
+  tps = {row[0]: row[4] for row in rows}
+  mfu = {row[0]: row[6] for row in rows}
+  m2_tps, hf_tps, fused_tps = tps["m2"], tps.get("transformers"), tps.get("m2/pallas_gpu")
   ratio = m2_tps / hf_tps if hf_tps else None
   if ratio:
     print(f"ratio m2 / transformers: {ratio:.2f}x")
+  if fused_tps:
+    print(f"ratio m2 pallas_gpu / blocked attention: {fused_tps / m2_tps:.2f}x")
   print(f"peak (measured): {peak:.1f} GFLOP/s")
   result = {"bench": "train_step", "m2_tok_s": round(m2_tps, 1),
             "hf_tok_s": round(hf_tps, 1) if hf_tps else None,
             "ratio": round(ratio, 3) if ratio else None,
-            "mfu": round(rows[0][6], 4),
-            "hf_mfu": round(rows[1][6], 4) if len(rows) > 1 else None,
+            "mfu": round(mfu["m2"], 4),
+            "hf_mfu": round(mfu["transformers"], 4) if hf_tps else None,
+            "attention": args.attention,
+            "pallas_gpu_tok_s": round(fused_tps, 1) if fused_tps else None,
+            "pallas_gpu_mfu": round(mfu["m2/pallas_gpu"], 4) if fused_tps else None,
             "peak_gflops": round(peak, 1), "preset": args.preset, "dtype": args.dtype,
             "batch": args.batch, "seq": args.seq,
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}

@@ -17,9 +17,12 @@ import jax.numpy as jnp
 
 FAMILIES = ("qwen2", "qwen3")
 HF_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+# How a step computes, not what a checkpoint holds: a resumed run may change these.
+EXECUTION_FIELDS = ("dtype", "remat_policy", "scan_layers", "attention")
 # Fields a run may set on top of a checkpoint's architecture.
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "quant")
+_RUNTIME_FIELDS = EXECUTION_FIELDS + ("param_dtype", "quant")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
+ATTENTION = ("blocked", "pallas_gpu")  # m2/model/kernels.py
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -50,6 +53,9 @@ class ModelConfig:
   # Memory: what the scanned layer saves for the backward pass.
   remat_policy: str = "none"
   scan_layers: bool = True
+  # Cache-free attention (training, scoring): "blocked" XLA everywhere, or
+  # "pallas_gpu", a fused flash-attention kernel (m2/model/kernels.py).
+  attention: str = "blocked"
   # Weight-only fake quantization of the linear layers (m2/model/quant.py):
   # "none", or e.g. "int4" / "int4_asym" / "int8_g64"; "aqt:int4" runs the symmetric
   # scheme on aqtp's quantizers. "none" changes nothing.
@@ -71,6 +77,7 @@ class ModelConfig:
     check(self.dtype in _DTYPES, "dtype", f"must be one of {tuple(_DTYPES)}")
     check(self.param_dtype in _DTYPES, "param_dtype", f"must be one of {tuple(_DTYPES)}")
     check(self.remat_policy in REMAT_POLICIES, "remat_policy", f"must be one of {REMAT_POLICIES}")
+    check(self.attention in ATTENTION, "attention", f"must be one of {ATTENTION}")
     from m2.model import quant
     try:
       quant.parse(self.quant)

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from m2 import parallel
+from m2.model import kernels
 from m2.model.config import ModelConfig
 from m2.model.quant import maybe_quant
 
@@ -228,7 +229,7 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, q_segments, kv_cache=None, cache_segments=None,
                cache_index=None):
-    """x: [B, T, E]. Returns (y, (k, v)) where (k, v) is the updated layer cache.
+    """x: [B, T, E]. Returns (y, the updated layer cache (k, v), or None without one).
 
     Without a cache, keys are this call's tokens. With one, the T new keys are
     written at `cache_index` and queries attend to every valid cached slot up
@@ -244,26 +245,29 @@ class Attention(nnx.Module):
     q, k, v = qkv[..., :g, :], qkv[..., g, :], qkv[..., g + 1, :]
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = rope(q, positions, cfg.rope_theta)  # [B, T, K, G, D]
+    q = rope(q, positions, cfg.rope_theta) * jnp.asarray(cfg.head_dim ** -0.5, dt)
     k = rope(k, positions, cfg.rope_theta)  # [B, T, K, D]
-    v = v.transpose(0, 2, 1, 3)  # [B, K, T, D]
-    # Query heads grouped per kv head, [B, K, G, T, D]: scores and probs @ V are
-    # plain batched matmuls over (B, K), with no relayout of K or V.
-    q = q.transpose(0, 2, 3, 1, 4) * jnp.asarray(cfg.head_dim ** -0.5, dt)
-    q = parallel.constrain(q, ("batch", "kv_heads", "heads", "length", "head_dim"))
-    t = x.shape[1]
-    if kv_cache is None:
-      k = k.transpose(0, 2, 1, 3)  # [B, K, T, D]
-      attn = causal_attention(q, k.astype(dt), v.astype(dt), q_segments)
+    b, t = x.shape[:2]
+    new_cache = None
+    if kv_cache is None and cfg.attention == "pallas_gpu":
+      attn = kernels.flash_attention(q, k.astype(dt), v.astype(dt), q_segments)
     else:
-      attn, (k, v) = cached_attention(q, k.transpose(0, 2, 3, 1), v, kv_cache, q_segments,
-                                      cache_segments, cache_index)
+      # Query heads grouped per kv head, [B, K, G, T, D]: scores and probs @ V are
+      # plain batched matmuls over (B, K), with no relayout of K or V.
+      q = parallel.constrain(q.transpose(0, 2, 3, 1, 4),
+                             ("batch", "kv_heads", "heads", "length", "head_dim"))
+      v = v.transpose(0, 2, 1, 3)  # [B, K, T, D]
+      if kv_cache is None:
+        attn = causal_attention(q, k.transpose(0, 2, 1, 3).astype(dt), v.astype(dt), q_segments)
+      else:
+        attn, new_cache = cached_attention(q, k.transpose(0, 2, 3, 1), v, kv_cache, q_segments,
+                                           cache_segments, cache_index)
+      attn = attn.transpose(0, 3, 1, 2, 4)  # [B, T, K, G, D]
     # Output projection as one matmul over (K, G, D) = all query heads.
-    b = x.shape[0]
-    attn = attn.transpose(0, 3, 1, 2, 4).reshape(b * t, -1)
+    attn = attn.reshape(b * t, -1)
     w_out = maybe_quant(self.out[...], 3, cfg.quant).astype(dt)
     y = (attn @ w_out.reshape(-1, w_out.shape[-1])).reshape(b, t, -1)
-    return y, (k, v)
+    return y, new_cache
 
 
 def _gate_up(x, w_gate_up):

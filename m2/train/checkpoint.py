@@ -4,7 +4,8 @@ A checkpoint step holds three items:
   state: the TrainState (params, optimizer state, step, RNG) as plain arrays,
   data:  the data iterator's state (JSON),
   meta:  what the state was built from (model config, ...), to refuse a
-         checkpoint of another model before any array is read.
+         checkpoint of another model before any array is read. How the model
+         computes (compute dtype, remat, scan, attention kernel) may change.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from m2.model.config import EXECUTION_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +46,17 @@ def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
   return {_path(p): (tuple(x.shape), str(x.dtype)) for p, x in flat}
 
 
+# Meta entries a resumed run may change: the model's execution knobs (remat, kernels).
+_MAY_CHANGE = frozenset(f"model.{name}" for name in EXECUTION_FIELDS)
+
+
 def _diff_meta(saved: dict, expected: dict, prefix: str = "") -> list[str]:
   out = []
   for key in sorted(set(saved) | set(expected)):
     a, b = saved.get(key, "<missing>"), expected.get(key, "<missing>")
     if isinstance(a, dict) and isinstance(b, dict):
       out += _diff_meta(a, b, f"{prefix}{key}.")
-    elif a != b:
+    elif a != b and f"{prefix}{key}" not in _MAY_CHANGE:
       out.append(f"{prefix}{key}: checkpoint has {a!r}, run expects {b!r}")
   return out
 

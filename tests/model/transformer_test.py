@@ -167,7 +167,7 @@ def test_every_parameter_has_known_logical_axes():
 
 @pytest.mark.parametrize("field,value", [
     ("family", "llama"), ("num_kv_heads", 3), ("head_dim", 7), ("remat_policy", "some"),
-    ("dtype", "float8"), ("num_layers", 0)])
+    ("dtype", "float8"), ("num_layers", 0), ("attention", "flash")])
 def test_bad_config_names_the_field(field, value):
   with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
     ModelConfig(**{**SMALL, field: value})

@@ -116,6 +116,14 @@ def test_sharding_and_remat_shrink_the_plan():
   assert ("qkv_proj" in memory.checkpoint_names(cfg)) == (qkv.saved > full.saved)
 
 
+
+def test_the_flash_kernel_saves_k_and_v_per_query_head():
+  cfg = preset("qwen2_5_1_5b", dtype="bfloat16")  # 12 query heads, 2 kv heads, head_dim 128
+  args = dict(mesh_shape=(1, 1, 1), batch=1, seq_len=4096, remat_policy="none", num_devices=1)
+  blocked = memory.plan(cfg, **args)
+  fused = memory.plan(cfg.replace(attention="pallas_gpu"), **args)
+  repeated = 2 * 4096 * (12 - 2) * 128 * 2   # k and v, bf16, per layer
+  assert fused.saved_per_layer - blocked.saved_per_layer == repeated
 def test_bad_input_fails_clearly():
   cfg = preset("tiny")
   with pytest.raises(ValueError, match="not divisible by the 8 batch shards"):

@@ -76,6 +76,21 @@ def test_refuses_another_model_config_naming_the_fields(saved):
   assert "shape of params/blocks/mlp/down: checkpoint has (2, 64, 32)" in str(e.value)
 
 
+def test_a_resumed_run_may_change_how_the_model_computes(saved):
+  """remat, attention kernel and compute dtype are not part of what was saved (a
+  checkpoint from before a knob existed lacks it too); quantization is."""
+  ckpt, state = saved
+  older = meta(CFG)
+  del older["model"]["attention"]
+  ckpt.save(4, state, {}, older)
+  ckpt.wait()
+  faster = CFG.replace(remat_policy="full", attention="pallas_gpu", dtype="bfloat16")
+  abstract, _ = abstract_train_state(maker(faster), TX, one_device_mesh())
+  _assert_same(ckpt.restore(abstract, meta=meta(faster))[0], state)
+  with pytest.raises(CheckpointError, match="model.quant: checkpoint has 'none'"):
+    ckpt.restore(abstract, meta=meta(CFG.replace(quant="int4")))
+
+
 def test_refuses_missing_and_unexpected_keys(saved):
   ckpt, _ = saved
   tied = CFG.replace(tie_embeddings=True)   # no lm_head in the run's state
