@@ -62,7 +62,7 @@ def get_config(arg: str = "h100x8"):
       preset="qwen2_5_32b",
       hf_checkpoint="",     # required for real runs: a local Qwen2.5-32B folder
       dtype="bfloat16", param_dtype=param_dtype, remat_policy="full",
-      attention="blocked"))  # or "pallas_gpu" (README, Real scale)
+      attention="blocked"))  # or "pallas_gpu" / "pallas_tpu" (README, Real scale)
   c.mesh = ml_collections.ConfigDict(dict(
       shape=shape, axes=parallel.MESH_AXES, rules=tuple(parallel.DEFAULT_RULES),
       rollout_rules=_MESHES[arg]["rollout_rules"]))

@@ -80,9 +80,10 @@ def parse_args(argv=None):
   p.add_argument("--preset", default="tiny",
                  help="m2.model.config preset name (tiny, qwen2_5_0_5b, qwen2_5_1_5b, ...)")
   p.add_argument("--remat", default="none", help="m2 remat policy")
-  p.add_argument("--attention", default="blocked", choices=("blocked", "pallas_gpu", "both"),
-                 help="m2's training attention (ModelConfig.attention); 'both' times the "
-                      "two side by side (pallas_gpu is a GPU kernel; interpreted on CPU)")
+  p.add_argument("--attention", default="blocked",
+                 choices=("blocked", "pallas_gpu", "pallas_tpu", "both"),
+                 help="m2's training attention (ModelConfig.attention); 'both' times blocked "
+                      "and this backend's kernel side by side (on CPU: pallas_gpu, interpreted)")
   p.add_argument("--skip_hf", action="store_true", help="time m2 only")
   p.add_argument("--peak_n", type=int, default=0,
                  help="side of the square matmul that measures the peak (0: 4096 on CPU, "
@@ -328,7 +329,8 @@ def main():
   print(f"config: preset={args.preset} layers={cfg.num_layers} d={cfg.embed_dim} "
         f"heads={cfg.num_heads}/{cfg.num_kv_heads} head_dim={cfg.head_dim} mlp={cfg.mlp_dim} "
         f"vocab={cfg.vocab_size} tied={cfg.tie_embeddings} dtype={cfg.dtype} "
-        f"remat={cfg.remat_policy} attention={args.attention}; batch {args.batch} x {args.seq} = {tokens} tokens/step")
+        f"remat={cfg.remat_policy} attention={args.attention}; "
+        f"batch {args.batch} x {args.seq} = {tokens} tokens/step")
 
   peak_n = args.peak_n or (4096 if ON_CPU else 8192)
   wait_for_quiet(args.max_wait, args.max_foreign)
@@ -337,9 +339,10 @@ def main():
 
   inputs, targets = make_batch(cfg, args.batch, args.seq, args.seed)
   runners = [M2Runner(cfg, inputs, targets, args.seed)]
+  kernel = "pallas_tpu" if jax.default_backend() == "tpu" else "pallas_gpu"
   if both:
-    runners.append(M2Runner(cfg.replace(attention="pallas_gpu"), inputs, targets, args.seed,
-                            name="m2/pallas_gpu"))
+    runners.append(M2Runner(cfg.replace(attention=kernel), inputs, targets, args.seed,
+                            name=f"m2/{kernel}"))
   if not args.skip_hf:
     hf = HFRunner(cfg, inputs, targets, args.seed, args.dtype)
     print(f"transformers {__import__('transformers').__version__}, torch "
@@ -400,12 +403,12 @@ def main():
           f"{gfl:>10.1f}{mfu * 100:>7.1f}%")
   tps = {row[0]: row[4] for row in rows}
   mfu = {row[0]: row[6] for row in rows}
-  m2_tps, hf_tps, fused_tps = tps["m2"], tps.get("transformers"), tps.get("m2/pallas_gpu")
+  m2_tps, hf_tps, fused_tps = tps["m2"], tps.get("transformers"), tps.get(f"m2/{kernel}")
   ratio = m2_tps / hf_tps if hf_tps else None
   if ratio:
     print(f"ratio m2 / transformers: {ratio:.2f}x")
   if fused_tps:
-    print(f"ratio m2 pallas_gpu / blocked attention: {fused_tps / m2_tps:.2f}x")
+    print(f"ratio m2 {kernel} / blocked attention: {fused_tps / m2_tps:.2f}x")
   print(f"peak (measured): {peak:.1f} GFLOP/s")
   result = {"bench": "train_step", "m2_tok_s": round(m2_tps, 1),
             "hf_tok_s": round(hf_tps, 1) if hf_tps else None,
@@ -413,8 +416,8 @@ def main():
             "mfu": round(mfu["m2"], 4),
             "hf_mfu": round(mfu["transformers"], 4) if hf_tps else None,
             "attention": args.attention,
-            "pallas_gpu_tok_s": round(fused_tps, 1) if fused_tps else None,
-            "pallas_gpu_mfu": round(mfu["m2/pallas_gpu"], 4) if fused_tps else None,
+            "kernel_tok_s": round(fused_tps, 1) if fused_tps else None,
+            "kernel_mfu": round(mfu[f"m2/{kernel}"], 4) if fused_tps else None,
             "peak_gflops": round(peak, 1), "preset": args.preset, "dtype": args.dtype,
             "batch": args.batch, "seq": args.seq,
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}

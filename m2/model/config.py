@@ -22,7 +22,7 @@ EXECUTION_FIELDS = ("dtype", "remat_policy", "scan_layers", "attention")
 # Fields a run may set on top of a checkpoint's architecture.
 _RUNTIME_FIELDS = EXECUTION_FIELDS + ("param_dtype", "quant")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_proj")
-ATTENTION = ("blocked", "pallas_gpu")  # m2/model/kernels.py
+ATTENTION = ("blocked", "pallas_gpu", "pallas_tpu")  # m2/model/kernels.py
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -53,8 +53,8 @@ class ModelConfig:
   # Memory: what the scanned layer saves for the backward pass.
   remat_policy: str = "none"
   scan_layers: bool = True
-  # Cache-free attention (training, scoring): "blocked" XLA everywhere, or
-  # "pallas_gpu", a fused flash-attention kernel (m2/model/kernels.py).
+  # Cache-free attention (training, scoring): "blocked" XLA everywhere, or a fused
+  # flash-attention kernel, "pallas_gpu" or "pallas_tpu" (m2/model/kernels.py).
   attention: str = "blocked"
   # Weight-only fake quantization of the linear layers (m2/model/quant.py):
   # "none", or e.g. "int4" / "int4_asym" / "int8_g64"; "aqt:int4" runs the symmetric

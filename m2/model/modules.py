@@ -250,7 +250,7 @@ class Attention(nnx.Module):
     b, t = x.shape[:2]
     new_cache = None
     if kv_cache is None and cfg.attention == "pallas_gpu":
-      attn = kernels.flash_attention(q, k.astype(dt), v.astype(dt), q_segments)
+      attn = kernels.gpu_attention(q, k.astype(dt), v.astype(dt), q_segments)
     else:
       # Query heads grouped per kv head, [B, K, G, T, D]: scores and probs @ V are
       # plain batched matmuls over (B, K), with no relayout of K or V.
@@ -258,7 +258,8 @@ class Attention(nnx.Module):
                              ("batch", "kv_heads", "heads", "length", "head_dim"))
       v = v.transpose(0, 2, 1, 3)  # [B, K, T, D]
       if kv_cache is None:
-        attn = causal_attention(q, k.transpose(0, 2, 1, 3).astype(dt), v.astype(dt), q_segments)
+        attend = kernels.tpu_attention if cfg.attention == "pallas_tpu" else causal_attention
+        attn = attend(q, k.transpose(0, 2, 1, 3).astype(dt), v.astype(dt), q_segments)
       else:
         attn, new_cache = cached_attention(q, k.transpose(0, 2, 3, 1), v, kv_cache, q_segments,
                                            cache_segments, cache_index)

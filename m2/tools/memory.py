@@ -37,8 +37,8 @@ plan within 15 % of it. Caveats:
   * GPU/TPU compilers fuse the loss and attention better and keep bf16
     intermediates in bf16; the working sets here count fp32, so on
     accelerators they are an upper bound.
-  * `attention="pallas_gpu"` (m2/model/kernels.py) is counted from the kernel's
-    code: no scores in memory, k and v repeated per query head.
+  * the fused attention kernels (m2/model/kernels.py) are counted from their
+    code: no scores in memory; "pallas_gpu" repeats k and v per query head.
 """
 
 from __future__ import annotations
@@ -337,10 +337,12 @@ def plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
        "rows": b * k * g * t, "mlp": b * t * m,
        # The largest query block's [B,K,G,rows,keys] scores (`query_blocks`).
        "scores": b * k * g * max((hi - lo) * hi for lo, hi in query_blocks(seq_len))}
+  # The kernels keep their scores on chip; the GPU one saves (and differentiates) k
+  # and v repeated to one per query head. Counted from the code: XLA CPU cannot check it.
   if c.attention == "pallas_gpu":
-    # The kernel keeps its scores on chip, and saves (and differentiates) k and v
-    # repeated to one per query head. Counted from the code: XLA CPU cannot check it.
     u.update(kv=u["q"], scores=0)
+  elif c.attention == "pallas_tpu":
+    u.update(scores=0)
   cb = jnp.dtype(c.compute_dtype).itemsize
 
   # Weights a layer works on: the batch axes' (FSDP) shards are gathered for the matmuls.

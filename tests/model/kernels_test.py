@@ -1,4 +1,6 @@
-"""The Pallas flash-attention path (`attention="pallas_gpu"`), run interpreted on CPU."""
+"""The fused attention kernels (`attention="pallas_gpu"` / `"pallas_tpu"`), interpreted on CPU."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,29 +14,36 @@ from m2.model.modules import causal_attention
 from m2.train.state import lm_loss
 
 
-def test_flash_attention_matches_blocked_attention_in_value_and_gradient():
-  """T = 200 pads to 256 (two 128-row kernel blocks); row 0 packs two segments,
-  row 1 ends in padding, whose outputs (and cotangents) a train step never uses."""
-  b, k, g, t, d = 2, 1, 2, 200, 8
+# (kernel, T): both lengths pad to two kernel blocks (128 rows on GPU, 512 on TPU).
+LENGTHS = [("pallas_gpu", 200), ("pallas_tpu", 600)]
+
+
+@pytest.mark.parametrize("kernel,t", LENGTHS)
+def test_kernels_match_blocked_attention_in_value_and_gradient(kernel, t):
+  """Row 0 packs two segments; row 1 ends in padding, whose outputs (and cotangents)
+  a train step never uses."""
+  b, k, g, d = 2, 1, 2, 8
   kq, kk, kv, kc = jax.random.split(jax.random.PRNGKey(0), 4)
-  q = jax.random.normal(kq, (b, t, k, g, d)) * d ** -0.5
-  keys, values = jax.random.normal(kk, (b, t, k, d)), jax.random.normal(kv, (b, t, k, d))
+  q = jax.random.normal(kq, (b, k, g, t, d)) * d ** -0.5
+  keys, values = jax.random.normal(kk, (b, k, t, d)), jax.random.normal(kv, (b, k, t, d))
   segments = np.ones((b, t), np.int32)
-  segments[0, 90:] = 2
-  segments[1, 150:] = 0
-  real = jnp.asarray(segments != 0)[:, :, None, None, None]
+  segments[0, t // 2:] = 2
+  segments[1, t - 50:] = 0
+  real = jnp.asarray(segments != 0)[:, None, None, :, None]
   cot = jnp.where(real, jax.random.normal(kc, q.shape), 0.0)
 
-  def blocked(q, keys, values):  # the same attention in the blocked path's layout
-    out = causal_attention(q.transpose(0, 2, 3, 1, 4), keys.transpose(0, 2, 1, 3),
-                           values.transpose(0, 2, 1, 3), jnp.asarray(segments))
-    return out.transpose(0, 3, 1, 2, 4)
+  def fused(q, keys, values):  # in the blocked path's layout
+    if kernel == "pallas_tpu":
+      return kernels.tpu_attention(q, keys, values, jnp.asarray(segments))
+    out = kernels.gpu_attention(q.transpose(0, 3, 1, 2, 4), keys.transpose(0, 2, 1, 3),
+                                values.transpose(0, 2, 1, 3), jnp.asarray(segments))
+    return out.transpose(0, 2, 3, 1, 4)
 
   @jax.jit
   def value_and_vjp(q, keys, values):  # jitted: interpreted kernels are slow op by op
-    flash = lambda *a: kernels.flash_attention(*a, jnp.asarray(segments))
+    blocked = lambda *a: causal_attention(*a, jnp.asarray(segments))  # noqa: E731
     return [(out, vjp(cot)) for out, vjp in (jax.vjp(f, q, keys, values)
-                                             for f in (flash, blocked))]
+                                             for f in (fused, blocked))]
 
   (got, got_grads), (want, want_grads) = value_and_vjp(q, keys, values)
   assert got.shape == want.shape
@@ -43,11 +52,14 @@ def test_flash_attention_matches_blocked_attention_in_value_and_gradient():
     np.testing.assert_allclose(a, w, atol=1e-4, err_msg=f"d{name}")
 
 
-@pytest.mark.parametrize("t,padded,block", [(8, 16, 16), (100, 128, 128), (1000, 1024, 128)])
-def test_block_sizes_pad_to_a_whole_number_of_kernel_blocks(t, padded, block):
-  got_padded, sizes = kernels.block_sizes(t)
-  assert (got_padded, sizes.block_q, sizes.block_k) == (padded, block, block)
-  assert sizes.has_backward_blocks and padded % sizes.block_q_dq == 0
+@pytest.mark.parametrize("sizes,t,padded,block", [
+    (kernels.gpu_block_sizes, 8, 16, 16), (kernels.gpu_block_sizes, 100, 128, 128),
+    (kernels.gpu_block_sizes, 1000, 1024, 128), (kernels.tpu_block_sizes, 8, 128, 128),
+    (kernels.tpu_block_sizes, 600, 1024, 512), (kernels.tpu_block_sizes, 4096, 4096, 512)])
+def test_block_sizes_pad_to_a_whole_number_of_kernel_blocks(sizes, t, padded, block):
+  got_padded, blocks = sizes(t)
+  assert got_padded == padded and blocks.block_q == block and blocks.has_backward_blocks
+  assert padded % blocks.block_q_dq == 0
 
 
 CFG = ModelConfig(vocab_size=256, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2,
@@ -76,19 +88,28 @@ def _loss_and_grads(cfg, mesh_shape):
                          for k, v in batch.items()})
 
 
-def test_a_sharded_model_with_flash_attention_matches_blocked_on_one_device():
+@functools.cache
+def _blocked_on_one_device():
+  return _loss_and_grads(CFG, (1, 1, 1))
+
+
+@pytest.mark.parametrize("kernel", ["pallas_gpu", "pallas_tpu"])
+def test_a_sharded_model_with_a_kernel_matches_blocked_on_one_device(kernel):
   """On a (2, 2, 2) mesh the kernel runs per shard (batch over data x fsdp, kv heads
   over tensor), with packing and padding in the batch."""
-  ref_loss, ref_grads = _loss_and_grads(CFG, (1, 1, 1))
-  loss, grads = _loss_and_grads(CFG.replace(attention="pallas_gpu"), (2, 2, 2))
+  ref_loss, ref_grads = _blocked_on_one_device()
+  loss, grads = _loss_and_grads(CFG.replace(attention=kernel), (2, 2, 2))
   np.testing.assert_allclose(loss, ref_loss, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, ref_grads)
 
 
-def test_flash_attention_refuses_rules_that_split_the_sequence():
+@pytest.mark.parametrize("attend,q_shape,kv_shape", [
+    (kernels.gpu_attention, (2, 64, 2, 2, 8), (2, 64, 2, 8)),
+    (kernels.tpu_attention, (2, 2, 2, 64, 8), (2, 2, 64, 8))])
+def test_kernels_refuse_rules_that_split_the_sequence(attend, q_shape, kv_shape):
   rules = tuple((name, "fsdp" if name == "length" else axes)
                 for name, axes in parallel.DEFAULT_RULES if name != "batch") + (("batch", None),)
-  q, kv = jnp.zeros((2, 64, 2, 2, 8)), jnp.zeros((2, 64, 2, 8))
+  q, kv = jnp.zeros(q_shape), jnp.zeros(kv_shape)
   with parallel.sharding_context(parallel.make_mesh((1, 8, 1)), rules):
     with pytest.raises(ValueError, match="needs whole sequences"):
-      kernels.flash_attention(q, kv, kv, jnp.ones((2, 64), jnp.int32))
+      attend(q, kv, kv, jnp.ones((2, 64), jnp.int32))

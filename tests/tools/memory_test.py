@@ -117,13 +117,16 @@ def test_sharding_and_remat_shrink_the_plan():
 
 
 
-def test_the_flash_kernel_saves_k_and_v_per_query_head():
+def test_the_gpu_kernel_saves_k_and_v_per_query_head_and_the_tpu_kernel_does_not():
   cfg = preset("qwen2_5_1_5b", dtype="bfloat16")  # 12 query heads, 2 kv heads, head_dim 128
   args = dict(mesh_shape=(1, 1, 1), batch=1, seq_len=4096, remat_policy="none", num_devices=1)
   blocked = memory.plan(cfg, **args)
-  fused = memory.plan(cfg.replace(attention="pallas_gpu"), **args)
+  gpu = memory.plan(cfg.replace(attention="pallas_gpu"), **args)
+  tpu = memory.plan(cfg.replace(attention="pallas_tpu"), **args)
   repeated = 2 * 4096 * (12 - 2) * 128 * 2   # k and v, bf16, per layer
-  assert fused.saved_per_layer - blocked.saved_per_layer == repeated
+  assert gpu.saved_per_layer - blocked.saved_per_layer == repeated
+  assert tpu.saved_per_layer == blocked.saved_per_layer
+  assert tpu.layer_backward < blocked.layer_backward   # no [rows, keys] scores
 def test_bad_input_fails_clearly():
   cfg = preset("tiny")
   with pytest.raises(ValueError, match="not divisible by the 8 batch shards"):
