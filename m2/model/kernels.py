@@ -135,8 +135,10 @@ def tpu_attention(q, k, v, segments, *, interpret: bool | None = None):
 def _splash_kernel(q_per_kv: int, padded: int, interpret: bool):
   _, sizes = tpu_block_sizes(padded)
   mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((padded, padded))] * q_per_kv)
-  return splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                interpret=interpret)
+  # Concrete mask tables even when first built inside a trace: the kernel is cached.
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
 
 
 def _tpu_attention(q, k, v, segments, *, interpret: bool):

@@ -52,6 +52,14 @@ def test_kernels_match_blocked_attention_in_value_and_gradient(kernel, t):
     np.testing.assert_allclose(a, w, atol=1e-4, err_msg=f"d{name}")
 
 
+def test_the_cached_splash_kernel_serves_later_traces():
+  """The kernel is built once per shape, inside the first trace; a later jit reuses it."""
+  q, kv, segments = jnp.ones((1, 1, 2, 100, 8)), jnp.ones((1, 1, 100, 8)), jnp.ones((1, 100), int)
+  for scale in (1.0, 2.0):
+    out = jax.jit(lambda q: kernels.tpu_attention(q * scale, kv, kv, segments))(q)
+    np.testing.assert_allclose(out, 1.0)
+
+
 @pytest.mark.parametrize("sizes,t,padded,block", [
     (kernels.gpu_block_sizes, 8, 16, 16), (kernels.gpu_block_sizes, 100, 128, 128),
     (kernels.gpu_block_sizes, 1000, 1024, 128), (kernels.tpu_block_sizes, 8, 128, 128),
