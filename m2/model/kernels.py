@@ -92,13 +92,11 @@ def _per_shard(local, q, k, v, segments, q_axes, kv_axes):
                        out_specs=q_spec, check_vma=False)(q, k, v, segments)
 
 
-def _pad_length(padded: int, axis: int, *arrays):
-  """Pads each array's `axis` (the length) to `padded` with zeros (segment 0: padding)."""
-  def pad(x):
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, padded - x.shape[axis])
-    return jnp.pad(x, widths)
-  return [pad(x) for x in arrays]
+def _pad(x, axis: int, length: int):
+  """x with its `axis` zero-padded to `length` (segment 0: padding, sliced off after)."""
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, length - x.shape[axis])
+  return jnp.pad(x, widths)
 
 
 def gpu_attention(q, k, v, segments, *, interpret: bool | None = None):
@@ -113,8 +111,7 @@ def gpu_attention(q, k, v, segments, *, interpret: bool | None = None):
 def _gpu_attention(q, k, v, segments, *, interpret: bool):
   b, t, kv_heads, g, d = q.shape
   padded, sizes = gpu_block_sizes(t)
-  q, k, v = _pad_length(padded, 1, q, k, v)
-  (segments,) = _pad_length(padded, 1, segments)
+  q, k, v, segments = (_pad(x, 1, padded) for x in (q, k, v, segments))
   # The kernel wants one kv head per query head: head h = kv head h // G.
   out = triton.mha(q.reshape(b, padded, kv_heads * g, d), jnp.repeat(k, g, axis=2),
                    jnp.repeat(v, g, axis=2), segments.astype(jnp.int32), sm_scale=1.0,
@@ -144,10 +141,9 @@ def _splash_kernel(q_per_kv: int, padded: int, interpret: bool):
 def _tpu_attention(q, k, v, segments, *, interpret: bool):
   t = q.shape[3]
   padded, _ = tpu_block_sizes(t)
-  (q,) = _pad_length(padded, 3, q)
-  k, v = _pad_length(padded, 2, k, v)
-  (segments,) = _pad_length(padded, 1, segments)
+  q, k, v = _pad(q, 3, padded), _pad(k, 2, padded), _pad(v, 2, padded)
+  segments = _pad(segments, 1, padded).astype(jnp.int32)
   kernel = _splash_kernel(q.shape[2], padded, interpret)  # [G, T, D] x [T, D] per kv head
-  ids = splash.SegmentIds(q=segments.astype(jnp.int32), kv=segments.astype(jnp.int32))
+  ids = splash.SegmentIds(q=segments, kv=segments)
   per_row = jax.vmap(kernel, in_axes=(0, 0, 0, None))     # over kv heads
   return jax.vmap(per_row)(q, k, v, ids)[:, :, :, :t]      # over rows
