@@ -215,15 +215,16 @@ def test_kv_cache_bytes_are_what_the_sampler_allocates(layers):
                                              rows=8, cache_length=320)
 
 
-@pytest.mark.parametrize("mesh_shape,dtype,tied,rules", [
-    ((1, 1, 1), "float32", True, parallel.DEFAULT_RULES),
-    ((2, 2, 2), "float32", False, parallel.DEFAULT_RULES),
-    ((1, 8, 1), "bfloat16", True, parallel.DEFAULT_RULES),
-    ((2, 1, 4), "bfloat16", True, parallel.DEFAULT_RULES),
-    ((1, 8, 1), "bfloat16", True, parallel.DECODE_RULES)])
-def test_rollout_plan_matches_the_compiled_sampler(mesh_shape, dtype, tied, rules):
+@pytest.mark.parametrize("mesh_shape,dtype,tied,rules,rows,prompt", [
+    ((1, 1, 1), "float32", True, parallel.DEFAULT_RULES, 4, 2048),
+    ((2, 2, 2), "float32", False, parallel.DEFAULT_RULES, 16, 200),
+    ((1, 8, 1), "bfloat16", True, parallel.DEFAULT_RULES, 16, 200),
+    ((2, 1, 4), "bfloat16", True, parallel.DEFAULT_RULES, 16, 200),
+    ((1, 8, 1), "bfloat16", True, parallel.DECODE_RULES, 16, 200)])
+def test_rollout_plan_matches_the_compiled_sampler(mesh_shape, dtype, tied, rules, rows, prompt):
   """The sampler's part of the rollout plan (params, cache, working set) against XLA's
-  accounting of the compiled generation call (prefill + decode loop, scan forward)."""
+  accounting of the compiled generation call (prefill + decode loop, scan forward). The
+  2048-token prompts prefill in 16 query blocks (the plan counts one block's scores)."""
   from m2.sampling import Sampler, SamplingParams
   n = math.prod(mesh_shape)
   mesh = parallel.make_mesh(mesh_shape, devices=jax.devices()[:n])
@@ -237,14 +238,14 @@ def test_rollout_plan_matches_the_compiled_sampler(mesh_shape, dtype, tied, rule
                                 if isinstance(x, jax.Array) else x, (args, kw))
     return start(*args, **kw)
   sampler._start_jit = spy
-  out = sampler.generate(nnx.state(model), [[1] * 200] * 16,
+  out = sampler.generate(nnx.state(model), [[1] * prompt] * rows,
                          SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8))
   args, kw = seen["args"]
   with parallel.sharding_context(mesh, rules):
     stats = start.lower(*args, **kw).compile().memory_analysis()
   xla = (stats.argument_size_in_bytes + stats.output_size_in_bytes
          - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
-  p = memory.rollout_plan(cfg, mesh_shape, rows=16, cache_length=out.stats["cache_length"],
+  p = memory.rollout_plan(cfg, mesh_shape, rows=rows, cache_length=out.stats["cache_length"],
                           prompt_length=out.stats["prefill_length"], num_devices=n,
                           sampler_rules=rules)
   params = memory._state_bytes(memory.abstract_state(cfg).params, memory._Sharder(mesh, rules))
