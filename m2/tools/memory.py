@@ -55,7 +55,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from m2 import configlib, parallel
-from m2.model.config import ModelConfig, model_config_from, preset
+from m2.model.config import ATTENTION, ModelConfig, model_config_from, preset
 from m2.model.modules import Block, query_blocks
 from m2.model.transformer import Transformer
 from m2.train.optimizer import OptimizerConfig, make_optimizer
@@ -102,6 +102,7 @@ class MemoryPlan:
   microbatches: int = 1
   seq_len: int = 0
   remat_policy: str = ""
+  attention: str = "blocked"
   dtype: str = ""
   param_dtype: str = ""
   num_params: int = 0
@@ -121,7 +122,8 @@ class MemoryPlan:
         ("grads", self.grads, self.param_dtype if self.microbatches == 1 else
          f"fp32 sum + one micro-batch's in {self.param_dtype}"),
         ("optimizer", self.optimizer, "optimizer state (AdamW: mu, nu)"),
-        ("activations", self.activations, f"remat {self.remat_policy}, compute {self.dtype}"),
+        ("activations", self.activations, f"remat {self.remat_policy}, compute {self.dtype}, "
+                                          f"{self.attention} attention"),
         ("  saved by scan", self.saved, f"{_size(self.saved_per_layer)} per layer"),
         ("  loss", self.loss, "peak" if loss_peak else ""),
         ("  layer backward", self.layer_backward, "" if loss_peak else "peak"),
@@ -374,7 +376,7 @@ def plan(model_cfg: ModelConfig, mesh_shape: Sequence[int] = (1, -1, 1),
       saved_per_layer=per_layer, saved=saved, loss=loss, layer_backward=backward,
       inputs=inputs, mesh=dict(mesh.shape), batch=batch, microbatches=microbatches,
       seq_len=seq_len,
-      remat_policy=policy, dtype=c.dtype, param_dtype=c.param_dtype, num_params=num_params)
+      remat_policy=policy, attention=c.attention, dtype=c.dtype, param_dtype=c.param_dtype, num_params=num_params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -545,9 +547,9 @@ def main(argv):
     args = dict(model_cfg=preset(f.preset), mesh_shape=(1, -1, 1),
                 rules=parallel.DEFAULT_RULES, batch=8, seq_len=2048)
   # Flags given on the command line override the config.
-  dtypes = {k: getattr(f, k) for k in ("dtype", "param_dtype") if getattr(f, k)}
-  if dtypes:
-    args["model_cfg"] = args["model_cfg"].replace(**dtypes)
+  numerics = {k: getattr(f, k) for k in ("dtype", "param_dtype", "attention") if getattr(f, k)}
+  if numerics:
+    args["model_cfg"] = args["model_cfg"].replace(**numerics)
   if f.mesh:
     args["mesh_shape"] = tuple(int(s) for s in f.mesh.split(","))
   args["batch"] = f.batch or args["batch"]
@@ -580,6 +582,7 @@ def _define_flags():
   flags.DEFINE_enum("remat", None, list(POLICIES), "remat policy (default: the model's)")
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "compute dtype")
   flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16", "float16"], "parameter dtype")
+  flags.DEFINE_enum("attention", None, list(ATTENTION), "attention kernel (default: the model's)")
   flags.DEFINE_float("hbm_gib", None, "device memory to check the plan against, GiB")
 
 

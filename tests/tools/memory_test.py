@@ -156,9 +156,10 @@ def test_command_line():
   out = subprocess.run(
       [sys.executable, "-m", "m2.tools.memory", "--preset=qwen2_5_32b", "--mesh=1,8,1",
        "--devices=8", "--batch=8", "--seq_len=4096", "--remat=full", "--dtype=bfloat16",
-       "--hbm_gib=80"],
+       "--attention=pallas_gpu", "--hbm_gib=80"],
       cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
   assert "data 1 x fsdp 8 x tensor 1 (8 devices), global batch 8 x 4096" in out
+  assert "remat full, compute bfloat16, pallas_gpu attention" in out
   assert "fits in 80 GiB" in out or "does NOT fit in 80 GiB" in out
   assert out.strip().splitlines()[-1].startswith('{"params": ')
   # An RL stage of a config: its update (micro-batched) and its rollout.
