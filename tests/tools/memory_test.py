@@ -66,6 +66,8 @@ CASES = [
     # Gradient accumulation: one micro-batch's activations, an fp32 gradient sum.
     ("medium", (1, 1, 1), "none", 256, 4),
     ("tiny", (2, 2, 2), "full", 1024, 2),
+    # The policy configs/qwen2_5_1_5b.py trains with: the four weight matmuls' outputs.
+    ("medium", (1, 8, 1), "dots_no_batch", 1024, 1),
 ]
 
 
