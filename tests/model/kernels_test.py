@@ -60,6 +60,30 @@ def test_the_cached_splash_kernel_serves_later_traces():
     np.testing.assert_allclose(out, 1.0)
 
 
+@pytest.mark.parametrize("kernel", ["pallas_gpu", "pallas_tpu"])
+def test_kernels_lower_for_their_accelerator_at_32b_shapes(kernel):
+  """Forward and backward lower to Triton (CUDA) or Mosaic (TPU) custom calls without the
+  hardware (`jax.export`): bf16, 8 kv heads x 5 queries of head_dim 128, 4096 tokens. The
+  kernels' block and shape checks run here; only the hardware's compilation does not."""
+  b, t, k, g, d = 1, 4096, 8, 5, 128
+  if kernel == "pallas_gpu":
+    attend, platform, q, kv = kernels.gpu_attention, "cuda", (b, t, k, g, d), (b, t, k, d)
+  else:
+    attend, platform, q, kv = kernels.tpu_attention, "tpu", (b, k, g, t, d), (b, k, t, d)
+  q, kv = jax.ShapeDtypeStruct(q, jnp.bfloat16), jax.ShapeDtypeStruct(kv, jnp.bfloat16)
+
+  def loss(q, k, v, segments):
+    return attend(q, k, v, segments, interpret=False).astype(jnp.float32).sum()
+
+  exported = jax.export.export(
+      jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), platforms=[platform],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+  )(q, kv, kv, jax.ShapeDtypeStruct((b, t), jnp.int32))
+  target = "__gpu$xla.gpu.triton" if kernel == "pallas_gpu" else "tpu_custom_call"
+  # GPU: forward, the backward's preprocessing, the fused backward; TPU: forward, dq, dk/dv.
+  assert exported.mlir_module().count(f"custom_call @{target}") == 3
+
+
 @pytest.mark.parametrize("sizes,t,padded,block", [
     (kernels.gpu_block_sizes, 8, 16, 16), (kernels.gpu_block_sizes, 100, 128, 128),
     (kernels.gpu_block_sizes, 1000, 1024, 128), (kernels.tpu_block_sizes, 8, 128, 128),
