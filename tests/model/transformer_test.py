@@ -122,7 +122,7 @@ def test_scan_and_remat_give_the_same_gradients(policy):
     m = model(**kw)
     graphdef, params = nnx.split(m)
     loss = lambda p: nnx.merge(graphdef, p)(x)[0].mean()  # noqa: E731
-    return jax.grad(loss)(params)
+    return jax.jit(jax.grad(loss))(params)
 
   ref = grads(scan_layers=False)
   for kw in ({}, {"remat_policy": policy}):
@@ -256,8 +256,13 @@ def test_blocked_causal_attention_matches_softmax_attention():
     scores = jnp.where(visible[:, None, None], scores, -1e30)
     return jnp.einsum("bkgts,bksd->bkgtd", jax.nn.softmax(scores, axis=-1), values)
 
-  got, got_vjp = jax.vjp(lambda *a: causal_attention(*a, jnp.asarray(segments)), q, keys, values)
-  want, want_vjp = jax.vjp(plain, q, keys, values)
+  @jax.jit
+  def value_and_vjp(q, keys, values):  # jitted: op by op, the blocks' einsums are slow
+    blocked = lambda *a: causal_attention(*a, jnp.asarray(segments))  # noqa: E731
+    return [(out, vjp(cot)) for out, vjp in (jax.vjp(f, q, keys, values)
+                                             for f in (blocked, plain))]
+
+  (got, got_grads), (want, want_grads) = value_and_vjp(q, keys, values)
   np.testing.assert_allclose(jnp.where(real, got, 0), jnp.where(real, want, 0), atol=1e-5)
-  for name, a, w in zip("qkv", got_vjp(cot), want_vjp(cot)):
+  for name, a, w in zip("qkv", got_grads, want_grads):
     np.testing.assert_allclose(a, w, atol=1e-4, err_msg=f"d{name}")
