@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,15 +38,24 @@ def meta(cfg):
   return {"model": dataclasses.asdict(cfg)}
 
 
-@pytest.fixture
-def saved(tmp_path):
+@pytest.fixture(scope="module")
+def saved_once(tmp_path_factory):
   mesh = parallel.make_mesh((2, 2, 2))
   _, state, _ = init_train_state(maker(CFG), TX, mesh, seed=3)
-  ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=2)
+  directory = str(tmp_path_factory.mktemp("saved") / "ckpt")
+  ckpt = Checkpointer(directory, keep=2)
   for step in (1, 2, 3):
     ckpt.save(step, state, {"iterator": {"next_index": step}}, meta(CFG))
   ckpt.wait()
-  return ckpt, state
+  return directory, state
+
+
+@pytest.fixture
+def saved(saved_once, tmp_path):
+  """A fresh copy of the saved checkpoints (tests add and corrupt steps) and the state."""
+  directory, state = saved_once
+  shutil.copytree(directory, tmp_path / "ckpt")
+  return Checkpointer(str(tmp_path / "ckpt"), keep=2), state
 
 
 def _assert_same(a, b):
