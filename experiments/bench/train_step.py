@@ -7,6 +7,8 @@ One run, both implementations side by side on the same config and batch:
                   hyper-parameters, `clip_grad_norm_(1.0)`, two parameter groups
                   (decay on matrices only), the same full next-token loss.
 Both compute the loss over all B x T positions (logits for every token).
+`--attention=both` adds a second m2 runner with this backend's fused attention kernel
+(`ModelConfig.attention`, m2/model/kernels.py) and prints its ratio to blocked attention.
 
 Timing: compile/warm up first, then rounds; in each round m2 and transformers
 each run `--steps` steps back to back (alternating). The machine is shared, so
