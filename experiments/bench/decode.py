@@ -8,6 +8,9 @@ One run, three parts:
      KV cache on, batch 1 and 16. tokens/s = batch * 128 / wall time of the
      whole call (prefill included) for `Sampler.generate` and for
      `model.generate`. Greedy outputs are compared token for token.
+     `--cache_length=2048` gives each m2 row 2048 cache slots, as a rollout
+     allocates for a ~2k-token `max_new_tokens` cap that its replies stop far
+     short of (transformers' cache grows with the text).
   2. Speculative vs plain decoding (m2 both), greedy, 128 new tokens, for each
      target of `--targets` (LAYERSxDIM; default 8x512, then the tiny shape
      4x256 of part 1): the tiny preset's family (heads of 64, half as many kv
@@ -74,6 +77,9 @@ def parse_args(argv=None):
   p.add_argument("--batches", default="1,16", help="batch sizes of part 1")
   p.add_argument("--prompt_len", type=int, default=32)
   p.add_argument("--new_tokens", type=int, default=128)
+  p.add_argument("--cache_length", type=int, default=0,
+                 help="part 1: cache slots per row, as a rollout allocates for its "
+                      "max_new_tokens (0: prompt + new tokens)")
   p.add_argument("--repeats", type=int, default=7, help="timed rounds; the median is reported")
   p.add_argument("--parts", default="1,2,3", help="which parts to run")
   p.add_argument("--skip_hf", action="store_true", help="time m2 only in part 1")
@@ -203,7 +209,8 @@ def part1(args, rows: list, result: dict):
   rng = np.random.default_rng(args.seed)
   for batch in map(int, args.batches.split(",")):
     prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt_len), dtype=np.int32)
-    m2_run = lambda: sampler.generate(params, prompts.tolist(), greedy)  # noqa: E731
+    m2_run = lambda: sampler.generate(params, prompts.tolist(), greedy,  # noqa: E731
+                                      cache_length=args.cache_length or None)
     t0 = time.perf_counter()
     out = m2_run()
     compile_s = time.perf_counter() - t0
@@ -453,7 +460,8 @@ def main():
   cfg = preset("tiny")
   print(f"model: layers={cfg.num_layers} d={cfg.embed_dim} heads={cfg.num_heads}/"
         f"{cfg.num_kv_heads} head_dim={cfg.head_dim} mlp={cfg.mlp_dim} vocab={cfg.vocab_size} "
-        f"fp32; prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")
+        f"fp32; prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy"
+        + (f"; part 1: {args.cache_length}-slot caches" if args.cache_length else ""))
   rows: list = []
   result: dict = {"bench": "decode"}
   parts = set(args.parts.split(","))
@@ -481,6 +489,7 @@ def main():
                 cpu_cores=os.cpu_count(), platform=jax.devices()[0].platform,
                 xla_flags=os.environ.get("XLA_FLAGS", ""),
                 new_tokens=args.new_tokens, prompt_len=args.prompt_len,
+                cache_length=args.cache_length or None,
                 num_draft=args.num_draft, draft_dim=args.draft_dim)
   print(json.dumps(result))
 

@@ -14,6 +14,8 @@ Every parameter carries `logical_axes` metadata; `m2.parallel` maps it to a mesh
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -145,12 +147,25 @@ def _causal_attention_bwd(res, d_out):
 causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
 
 
+def cache_reads(slots: int) -> list[int]:
+  """The cache lengths a cached-attention call may read: 256, 512, ... below `slots`,
+  then all of them. A call reads the shortest that holds every written slot (the cache
+  fills from the front), so decoding early in a long cache neither reads nor masks its
+  empty rest. Decoding is bound by reading the cache, and a rollout allocates slots for
+  `max_new_tokens` that most replies never fill."""
+  reads = []
+  while (n := 256 << len(reads)) < slots:
+    reads.append(n)
+  return reads + [slots]
+
+
 def cached_attention(q, k, v, cache, q_segments, cache_segments, cache_index):
   """T new tokens attend to the cache and to each other; returns (out, updated cache).
 
   q [B, K, G, T, D] (already scaled), k [B, K, D, T], v [B, K, T, D]; cache = (keys
   [B, K, D, S] slot-minor, values [B, K, S, D]) (`KVCache`); the new tokens go to
   slots [cache_index, cache_index + T). cache_segments [B, S] already holds theirs.
+  Only the first `cache_reads` length that holds slot cache_index + T - 1 is read.
   """
   cache_k, cache_v = cache
   k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
@@ -179,7 +194,7 @@ def cached_attention(q, k, v, cache, q_segments, cache_segments, cache_index):
               & same_segment(q_segments, q_segments))]
   dt = q.dtype
 
-  def attend(q, lo, hi):   # query rows [lo, hi) against every part's keys
+  def attend(q, lo, hi, parts):   # query rows [lo, hi) against every part's keys
     # Keys are slot-minor: a plain [G, D] x [D, S] matmul per kv head.
     scores = jnp.concatenate([
         jnp.einsum("bkgtd,bkds->bkgts", q, keys.astype(dt), preferred_element_type=jnp.float32)
@@ -193,13 +208,20 @@ def cached_attention(q, k, v, cache, q_segments, cache_segments, cache_index):
       first += values.shape[2]
     return sum(outs[1:], outs[0])
 
-  # A long prefill goes in query blocks, one at a time: its [B, K, G, T, S] scores
-  # would be tens of GB for 256 rows of 1k-token prompts. A decode step is one block.
-  outs = []
-  for lo, hi in query_blocks(t):
-    q_block = q[:, :, :, lo:hi]
-    outs.append(attend(q_block if not outs else _after(q_block, outs[-1]), lo, hi))
-  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+  def attend_prefix(n, q, parts):  # reads the cache's first n slots only
+    (keys, values, visible), *rest = parts
+    parts = [(keys[..., :n], values[:, :, :n], visible[..., :n]), *rest]
+    # A long prefill goes in query blocks, one at a time: its [B, K, G, T, S] scores
+    # would be tens of GB for 256 rows of 1k-token prompts. A decode step is one block.
+    outs = []
+    for lo, hi in query_blocks(t):
+      q_block = q[:, :, :, lo:hi]
+      outs.append(attend(q_block if not outs else _after(q_block, outs[-1]), lo, hi, parts))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+
+  reads = cache_reads(cache_v.shape[2])
+  read = jnp.searchsorted(jnp.asarray(reads), cache_index + t)  # shortest holding all written
+  out = jax.lax.switch(read, [functools.partial(attend_prefix, n) for n in reads], q, parts)
   if q.shape[0] == 1:
     after_read = 0
     if jax.default_backend() == "cpu":

@@ -29,16 +29,21 @@ in JAX, and at most one chunk of tokens is wasted. Stop token ids are checked
 on device, every step. The kept tokens end with the stop token, or with the
 token that completed the stop string.
 
-Cache layout: the batch shares the cache's write index (as in `m2.model.KVCache`),
-so rows that finish early, or rows cut at a stop string, leave empty slots
-(segment 0) that attention skips; RoPE uses per-row positions, so holes do not
-shift anything. Continuing a conversation appends the next turn after the
-last written slot; the last generated token of a row is not in the cache yet
-("pending") and is fed first. When the cache is too short for the next turn
-the holes are squeezed out (`compact`); when that is not enough, the call
-fails before running and says how much is needed: the way out is a new batch
-with the whole history as its prompt, which recomputes it
-(experiments/bench/decode.py measures what continuing saves).
+Cache layout: the batch shares the cache's write index (as in
+`m2.model.KVCache`), so rows that finish early, or rows cut at a stop string,
+leave empty slots (segment 0) that attention skips; RoPE uses per-row positions,
+so holes do not shift anything. Slots fill from the front, and a step reads the
+cache only as deep as the write index, rounded up to 256, 512, 1024, ... slots
+(`m2.model.modules.cache_reads`): a cache sized for `max_new_tokens` costs about
+what the text written so far does (a 2048-slot cache holding 160 tokens decodes
+1.4x faster at batch 1 and 2.2x at 16 than reading it whole, on a 2-core CPU).
+Continuing a conversation appends the next turn after the last written slot; the
+last generated token of a row is not in the cache yet ("pending") and is fed
+first. When the cache is too short for the next turn the holes are squeezed out
+(`compact`); when that is not enough, the call fails before running and says how
+much is needed: the way out is a new batch with the whole history as its prompt,
+which recomputes it (experiments/bench/decode.py measures what continuing
+saves).
 """
 
 from __future__ import annotations

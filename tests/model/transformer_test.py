@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from m2 import parallel
-from m2.model import KVCache, ModelConfig, Transformer
+from m2.model import KVCache, ModelConfig, Transformer, modules
 
 SMALL = dict(vocab_size=97, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
              head_dim=8, mlp_dim=64)
@@ -40,6 +40,23 @@ def test_prefill_then_decode_matches_full_forward(family, batch):
   chunk_logits, cache = m(x[:, 10:], positions=pos, cache=cache)
   np.testing.assert_allclose(chunk_logits, full[:, 10:], atol=1e-5)
   assert int(cache.index) == 13
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_long_cache_is_read_only_as_far_as_it_is_written(batch):
+  """A 1088-slot cache is read 256, 512, 1024 or all 1088 slots deep (`cache_reads`): each
+  chunk and step below reads a different length, and all equal the full forward."""
+  m = model()
+  x = tokens(batch, 1031)
+  full = jax.jit(lambda x: m(x)[0])(x)
+  step = jax.jit(lambda x, pos, cache: m(x, positions=pos, cache=cache))
+  cache = KVCache.init(m.cfg, batch=batch, max_length=1088)
+  assert modules.cache_reads(1088) == [256, 512, 1024, 1088]
+  for lo, hi in [(0, 250), (250, 510), (510, 511), (511, 512), (512, 513), (513, 1030),
+                 (1030, 1031)]:
+    pos = jnp.broadcast_to(jnp.arange(lo, hi), (batch, hi - lo))
+    logits, cache = step(x[:, lo:hi], pos, cache)
+    np.testing.assert_allclose(logits, full[:, lo:hi], atol=1e-5, err_msg=f"{lo}:{hi}")
 
 
 @pytest.mark.parametrize("batch", [1, 4])
