@@ -192,6 +192,12 @@ def _qwen2_5(**kw) -> ModelConfig:
   return ModelConfig(family="qwen2", rms_norm_eps=1e-6, rope_theta=1_000_000.0, **kw)
 
 
+def _qwen3(**kw) -> ModelConfig:
+  return ModelConfig(family="qwen3", vocab_size=151936, head_dim=128, num_kv_heads=8,
+                     rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=40960,
+                     **kw)
+
+
 # Named shapes. Real checkpoints are read with `from_hf_config`; these are for
 # planning memory and for from-scratch runs.
 PRESETS = {
@@ -206,6 +212,15 @@ PRESETS = {
                                    num_heads=28, num_kv_heads=4, head_dim=128, mlp_dim=18944),
     "qwen2_5_32b": lambda: _qwen2_5(vocab_size=152064, num_layers=64, embed_dim=5120,
                                     num_heads=40, num_kv_heads=8, head_dim=128, mlp_dim=27648),
+    "qwen3_0_6b": lambda: _qwen3(num_layers=28, embed_dim=1024, num_heads=16, mlp_dim=3072,
+                                 tie_embeddings=True),
+    "qwen3_1_7b": lambda: _qwen3(num_layers=28, embed_dim=2048, num_heads=16, mlp_dim=6144,
+                                 tie_embeddings=True),
+    "qwen3_4b": lambda: _qwen3(num_layers=36, embed_dim=2560, num_heads=32, mlp_dim=9728,
+                               tie_embeddings=True),
+    "qwen3_8b": lambda: _qwen3(num_layers=36, embed_dim=4096, num_heads=32, mlp_dim=12288),
+    "qwen3_14b": lambda: _qwen3(num_layers=40, embed_dim=5120, num_heads=40, mlp_dim=17408),
+    "qwen3_32b": lambda: _qwen3(num_layers=64, embed_dim=5120, num_heads=64, mlp_dim=25600),
 }
 
 

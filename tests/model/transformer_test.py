@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from m2 import parallel
-from m2.model import KVCache, ModelConfig, Transformer, modules
+from m2.model import KVCache, ModelConfig, Transformer, modules, preset
 
 SMALL = dict(vocab_size=97, num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2,
              head_dim=8, mlp_dim=64)
@@ -195,6 +195,23 @@ def test_num_params_matches_the_built_model():
     m = model(**kw)
     n = sum(x.size for x in jax.tree.leaves(nnx.state(m)))
     assert n == m.cfg.num_params()
+
+
+# Parameter counts of the released checkpoints (tied embeddings counted once); their
+# model cards round them and the non-embedding counts, which these also match.
+PUBLISHED_PARAMS = {
+    "qwen2_5_0_5b": 494_032_768, "qwen2_5_1_5b": 1_543_714_304, "qwen2_5_7b": 7_615_616_512,
+    "qwen2_5_32b": 32_763_876_352, "qwen3_0_6b": 596_049_920, "qwen3_1_7b": 1_720_574_976,
+    "qwen3_4b": 4_022_468_096, "qwen3_8b": 8_190_735_360, "qwen3_14b": 14_768_307_200,
+    "qwen3_32b": 32_762_123_264,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_presets_are_the_released_shapes(name):
+  cfg = preset(name)
+  assert cfg.num_params() == PUBLISHED_PARAMS[name]
+  assert ModelConfig.from_hf_config(cfg.to_hf_config()) == cfg
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -135,10 +135,12 @@ INJECTIONS = [
 ]
 
 
-def test_injection_gains_nothing(healthbench):
+# consensus: the cluster criteria's behaviour checks; oss_eval: the term-coverage judge.
+@pytest.mark.parametrize("split,n", [("healthbench", 20), ("consensus", 30)])
+def test_injection_gains_nothing(split, n, request):
   g = G.Grader()
   checked = 0
-  for e in healthbench[:20]:
+  for e in request.getfixturevalue(split)[:n]:
     r = Rubric.from_healthbench(e)
     pasted = " ".join(c.text for c in r if c.points > 0)
     for base in ("", "Please see a doctor about this."):
@@ -148,7 +150,7 @@ def test_injection_gains_nothing(healthbench):
         assert attacked.score <= clean + 1e-9, (e.id, inj[:40])
         assert attacked.sanitized.flagged
         checked += 1
-  assert checked == 20 * 2 * 4
+  assert checked == n * 2 * 4
 
 
 def test_ideal_beats_empty_and_generic(healthbench):
@@ -328,22 +330,6 @@ def test_every_consensus_cluster_has_a_rule_and_empty_meets_none(consensus, heal
       res = g.grade(G.with_response(e.messages, empty), Rubric(tuple(cluster)))
       assert not any(j.criteria_met for j, c in zip(res.judgements, cluster) if c.points > 0), (
           e.id, empty, [j.explanation for j in res.judgements if j.criteria_met])
-
-
-def test_injection_gains_nothing_on_cluster_criteria(consensus):
-  g = G.Grader()
-  checked = 0
-  for e in consensus[:30]:
-    r = Rubric.from_healthbench(e)
-    pasted = " ".join(c.text for c in r if c.points > 0)
-    for base in ("", "Please see a doctor about this."):
-      clean = g.grade(G.with_response(e.messages, base), r).score
-      for inj in INJECTIONS + [pasted]:
-        attacked = g.grade(G.with_response(e.messages, f"{base}\n{inj}"), r)
-        assert attacked.score <= clean + 1e-9, (e.id, inj[:40])
-        assert attacked.sanitized.flagged
-        checked += 1
-  assert checked == 30 * 2 * 4
 
 
 def test_non_cluster_criteria_keep_the_lexical_path(healthbench):
