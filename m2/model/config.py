@@ -132,14 +132,24 @@ class ModelConfig:
     if hf.get("use_sliding_window"):
       raise ValueError("config.json: use_sliding_window=true is not supported; m2 attends "
                        "over the full context")
+    # transformers 5 names each layer's attention; only full attention is supported.
+    other_layers = sorted(set(hf.get("layer_types") or ()) - {"full_attention"})
+    if other_layers:
+      raise ValueError(f"config.json: layer_types {other_layers} are not supported; m2 "
+                       f"attends over the full context in every layer")
     if hf.get("hidden_act", "silu") != "silu":
       raise ValueError(f"config.json: hidden_act={hf['hidden_act']!r} is not supported "
                        f"(only 'silu')")
     # transformers 5 keeps RoPE settings in rope_parameters, older versions in rope_scaling.
-    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    rope_type = rope.get("rope_type", rope.get("type"))
-    if rope_type not in (None, "default"):
-      raise ValueError(f"config.json: rope_type={rope_type!r} is not supported; only default RoPE")
+    # A folder may hold both (a YaRN rope_scaling added by hand to a transformers 5 file).
+    rope = {}
+    for key in ("rope_scaling", "rope_parameters"):
+      section = hf.get(key) or {}
+      rope_type = section.get("rope_type", section.get("type"))
+      if rope_type not in (None, "default"):
+        raise ValueError(f"config.json: {key} has rope_type={rope_type!r}, which is not "
+                         f"supported; only default RoPE")
+      rope.update(section)
     if model_type == "qwen3" and hf.get("attention_bias"):
       raise ValueError("config.json: attention_bias=true is not supported for qwen3")
     family = model_type

@@ -271,6 +271,20 @@ def test_error_unsupported_architecture(qwen3_folder):
     hf.load_hf_checkpoint(qwen3_folder)
 
 
+@pytest.mark.parametrize("changes,message", [
+    ({"use_sliding_window": True}, "use_sliding_window"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, r"\['sliding_attention'\]"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"quantization_config": {"quant_method": "gptq"}}, "quantized checkpoints"),
+])
+def test_error_config_features_m2_does_not_run(qwen3_folder, changes, message):
+  _edit_config(qwen3_folder, **changes)
+  with pytest.raises(ValueError, match=message):
+    hf.load_hf_checkpoint(qwen3_folder)
+
+
 def test_error_shape_mismatch(qwen3_folder):
   _edit_config(qwen3_folder, intermediate_size=96)
   with pytest.raises(ValueError) as err:
