@@ -62,21 +62,24 @@ class ServePlan:
   num_draft_tokens: int = 4
 
 
+def _heads(hf: dict) -> tuple[int, int, int]:
+  """(query heads, kv heads, head_dim), as transformers reads config.json."""
+  h = hf["num_attention_heads"]
+  head_dim = 128 if hf["model_type"] == "qwen3" else hf["hidden_size"] // h  # the defaults
+  return h, hf.get("num_key_value_heads") or h, hf.get("head_dim") or head_dim
+
+
 def linear_shapes(hf: dict) -> list[tuple[int, int]]:
   """(out, in) of every quantized linear layer of one decoder layer."""
-  e, h = hf["hidden_size"], hf["num_attention_heads"]
-  kv = hf.get("num_key_value_heads") or h
-  d = hf.get("head_dim") or e // h
-  m = hf["intermediate_size"]
+  e, m = hf["hidden_size"], hf["intermediate_size"]
+  h, kv, d = _heads(hf)
   return [(h * d, e), (kv * d, e), (kv * d, e), (e, h * d), (m, e), (m, e), (e, m)]
 
 
 def dense_params(hf: dict, *, include_embeddings: bool = True) -> int:
   """Parameters that stay dense: embeddings, LM head, norms, biases."""
-  e, h, layers = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
-  kv = hf.get("num_key_value_heads") or h
-  d = hf.get("head_dim") or e // h
-  v = hf["vocab_size"]
+  e, layers, v = hf["hidden_size"], hf["num_hidden_layers"], hf["vocab_size"]
+  h, kv, d = _heads(hf)
   per_layer = 2 * e
   if hf["model_type"] == "qwen2":
     per_layer += (h + 2 * kv) * d          # q/k/v biases
@@ -109,17 +112,13 @@ def weight_bytes(hf: dict, plan: ServePlan, dense_bytes: int = 2, *,
 
 
 def kv_bytes_per_token(hf: dict, kv_dtype: str) -> int:
-  h = hf["num_attention_heads"]
-  kv = hf.get("num_key_value_heads") or h
-  d = hf.get("head_dim") or hf["hidden_size"] // h
+  _, kv, d = _heads(hf)
   return hf["num_hidden_layers"] * 2 * kv * d * _KV_BYTES[kv_dtype]
 
 
 def activation_bytes(hf: dict, plan: ServePlan) -> int:
   e, m, v = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"]
-  h = hf["num_attention_heads"]
-  kv = hf.get("num_key_value_heads") or h
-  d = hf.get("head_dim") or e // h
+  h, kv, d = _heads(hf)
   per_token = 2 * e + (h + 2 * kv) * d + h * d + 3 * m      # residual x2, qkv, attn, gate/up/silu
   return plan.chunk_tokens * per_token * 2 + plan.batch * (plan.num_draft_tokens + 1) * v * 4
 

@@ -562,9 +562,7 @@ def write_quantized(src, out, quantized: dict[str, QuantizedLinear], cfg: QuantC
   config = hf.read_hf_config(src)
   dense_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
                  "float16": np.float16}[cfg.dtype]
-  index_file = src / hf.INDEX_FILE
-  files = (sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
-           if index_file.is_file() else [hf.WEIGHTS_FILE])
+  files, weight_map_in = hf.weight_files(src)
   quantized_names = {f"{p}.weight" for p in quantized}
   shards: list[dict[str, np.ndarray]] = []
   current: dict[str, np.ndarray] = {}
@@ -596,6 +594,8 @@ def write_quantized(src, out, quantized: dict[str, QuantizedLinear], cfg: QuantC
   for file in files:
     with safe_open(str(src / file), framework="np") as f:
       for key in f.keys():
+        if weight_map_in is not None and weight_map_in.get(key) != file:
+          continue  # the index places this tensor elsewhere
         if key in quantized_names:
           prefix = key[:-len(".weight")]
           tensors = (gptq_tensors(prefix, quantized[prefix], cfg.bits) if cfg.format == "gptq"
@@ -789,7 +789,8 @@ def quality_report(src, configs: dict[str, QuantConfig], *, held_windows: int = 
     log.info("quality %s: %s", name, row)
 
   from m2.model import hf
-  stored = hf.read_hf_config(src).get("torch_dtype") or "float32"
+  src_config = hf.read_hf_config(src)
+  stored = src_config.get("dtype") or src_config.get("torch_dtype") or "float32"
   # The folder's own weights (computed in fp32) are the reference; a bf16 row shows
   # what bf16 rounding alone costs when the folder holds fp32.
   add("fp32" if stored == "float32" else f"dense ({stored})", dense)

@@ -24,6 +24,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 log = logging.getLogger(__name__)
 
 
+def _text(content) -> str:
+  """A message's content: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+  if isinstance(content, str):
+    return content
+  if isinstance(content, list) and all(
+      isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+      for p in content):
+    return "".join(p["text"] for p in content)
+  raise ValueError(f"message content must be a string or a list of text parts, got "
+                   f"{json.dumps(content)[:80]}")
+
+
 def load_causal_lm(folder, device: str = "cpu"):
   import torch
   from transformers import AutoModelForCausalLM, CompressedTensorsConfig
@@ -120,6 +132,7 @@ def make_handler(engine: ChatEngine):
         if not (isinstance(messages, list) and messages and all(
             isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages)):
           raise ValueError("messages must be a non-empty list of {role, content}")
+        messages = [{**m, "content": _text(m["content"])} for m in messages]
         max_tokens = int(req.get("max_tokens") or req.get("max_completion_tokens") or 256)
         temperature = float(req.get("temperature", 0.0))
         if max_tokens < 1 or temperature < 0:

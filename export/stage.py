@@ -9,13 +9,15 @@ prints its path at the end):
   serve.sh, README.md, budget.json   vLLM / SGLang / local command lines and the 24 GB
                                      memory budget (export.bundle.write_bundle_files)
   int4/      the target: compressed-tensors pack-quantized, group 128, symmetric
-             (`quantize` = "rtn" or "gptq")
+             (`quantize` = "rtn" or "gptq"); a quantization-aware model
+             (`config.model.quant`) in the scheme it trained with
   draft/     a `draft_layers`-layer draft distilled from the same weights on the
              target's own greedy samples (export.draft), with draft_report.json: the
              tokens per speculative round at k = `draft_k` with m2's SpeculativeSampler
              (goal >= 2.5 at k = 4). `draft_layers` = 0: no draft, no speculative lines.
   tokenizer.json, tokenizer_config.json, tokenization_m2.py
-  hf/        the dense transformers folder (the int4 target's source; not needed to serve)
+  hf/        the dense transformers folder (the int4 target's source; not needed to serve;
+             of a quantization-aware model, the fake-quantized weights it computes with)
   quality.{txt,json}  held-out medical perplexity, KL to the dense model and layer-output
              error of the dense weights, RTN and (if chosen) GPTQ, and their HealthBench
              score (m2's sampler, reference grader) before and after quantization.
@@ -132,6 +134,7 @@ def run_export_stage(config, workdir: str, model_cfg, init_params):
   from export import draft as draft_lib
   from m2 import configlib
   from m2.data import pipelines
+  from m2.model import quant
 
   section = config.get("export", None)
   stage = configlib.build(ExportStageConfig, section if section is not None else {},
@@ -147,6 +150,8 @@ def run_export_stage(config, workdir: str, model_cfg, init_params):
   data_dir = data_cfg.data_dir or None
   root = pathlib.Path(workdir)
   hf_dir = root / "hf"
+  # A quantization-aware model ships, and drafts from, the weights it computes with.
+  params = quant.computed_weights(init_params, model_cfg.quant)
   target_cfg = model_cfg.replace(quant="none")
   # Stale outputs of an interrupted run with other settings would ship with the bundle.
   if not stage.draft_layers:
@@ -169,15 +174,20 @@ def run_export_stage(config, workdir: str, model_cfg, init_params):
   try:
     bar.set_description("export: hf")
     with to_hf.atomic_dir(hf_dir, overwrite=True) as tmp:
-      to_hf.write_hf_folder(target_cfg, init_params, tmp, tokenizer, dtype=stage.dtype or None)
+      to_hf.write_hf_folder(target_cfg, params, tmp, tokenizer, dtype=stage.dtype or None)
     done(dense=f"{_mib(hf_dir):.1f} MiB")
     last = hf_dir
     metrics, table = {}, ""
     if stage.quantize:
       bar.set_description("export: int4")
+      # A quantization-aware model is quantized in the scheme it trained with.
+      scheme = quant.parse(model_cfg.quant)
+      trained = {} if scheme is None else dict(
+          bits=scheme.bits, group_size=scheme.group_size, symmetric=scheme.symmetric,
+          block_size=scheme.group_size * -(-128 // scheme.group_size))
       qcfg = quantize.QuantConfig(method=stage.quantize, calib_samples=stage.calib_samples,
                                   calib_seq_len=stage.calib_seq_len,
-                                  dtype=stage.dtype or "bfloat16")
+                                  dtype=stage.dtype or "bfloat16", **trained)
       calib = quantize.medical_texts("train", data_dir=data_dir) \
           if stage.quantize == "gptq" else None
       quantize.quantize_folder(hf_dir, root / "int4", qcfg, overwrite=True, calib_texts=calib)
@@ -209,7 +219,7 @@ def run_export_stage(config, workdir: str, model_cfg, init_params):
       # Distilled from the weights this stage exports; the train dir lets a rerun resume.
       train_dir = root / ".draft_train"
       report = draft_lib.draft_folder(
-          target_cfg, _host_params(init_params), tokenizer, str(root / "draft"),
+          target_cfg, _host_params(params), tokenizer, str(root / "draft"),
           stage.draft_config(), train_dir=str(train_dir), overwrite=True,
           eval_prompts=stage.draft_eval_prompts, k=stage.draft_k, data_dir=data_dir)
       shutil.rmtree(train_dir, ignore_errors=True)

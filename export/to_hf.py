@@ -160,7 +160,8 @@ def write_tokenizer(tokenizer, out_dir, *, chat_template: str | None = None,
                               f"export needs {list(TOKENIZER_FILES)}")
     shutil.copy(os.path.join(tokenizer.folder, "tokenizer.json"), out / "tokenizer.json")
     config = json.loads(pathlib.Path(tokenizer.folder, "tokenizer_config.json").read_text())
-    config.setdefault("chat_template", chat_template)
+    # The template m2 trained with, not the source folder's (Qwen's adds a system prompt).
+    config["chat_template"] = chat_template
     backend = None
     names = {"bos": config.get("bos_token"), "eos": config.get("eos_token"),
              "pad": config.get("pad_token")}
@@ -313,8 +314,16 @@ def atomic_dir(out, overwrite: bool = False):
 
 def write_hf_folder(cfg, params, folder, tokenizer, *, dtype: str | None = None,
                     max_shard_bytes: int | None = None, generation: dict | None = None) -> dict:
-  """Writes weights, config, generation config and tokenizer into `folder` (exists)."""
-  from m2.model import hf
+  """Writes weights, config, generation config and tokenizer into `folder` (exists).
+
+  A quantization-aware model (`cfg.quant`) is written as the dense weights it computes
+  with, so transformers' logits equal m2's.
+  """
+  from m2.model import hf, quant
+
+  if cfg.quant != "none":
+    log.info("writing the %s fake-quantized weights the model computes with", cfg.quant)
+    params, cfg = quant.computed_weights(params, cfg.quant), cfg.replace(quant="none")
 
   ids = write_tokenizer(tokenizer, folder, model_max_length=cfg.max_position_embeddings)
   generation_config = {"bos_token_id": ids["bos"], "eos_token_id": ids["stop"],

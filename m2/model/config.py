@@ -154,7 +154,8 @@ class ModelConfig:
       raise ValueError("config.json: attention_bias=true is not supported for qwen3")
     family = model_type
     heads = hf["num_attention_heads"]
-    theta = hf.get("rope_theta") or rope.get("rope_theta", 10000.0)
+    # transformers 5 reads rope_parameters first.
+    theta = rope.get("rope_theta") or hf.get("rope_theta") or 10000.0
     return cls(
         family=family,
         vocab_size=hf["vocab_size"],
@@ -162,7 +163,8 @@ class ModelConfig:
         embed_dim=hf["hidden_size"],
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        # Qwen3Config's default head_dim is 128, not hidden_size / heads.
+        head_dim=hf.get("head_dim") or (128 if family == "qwen3" else hf["hidden_size"] // heads),
         mlp_dim=hf["intermediate_size"],
         rope_theta=float(theta),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),

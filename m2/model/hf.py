@@ -47,7 +47,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default "5GB"
 
 _SHARD_FILE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 # Non-parameter buffers that older exports carry; they hold nothing to load.
-_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+_IGNORED = re.compile(r"^model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq$")
 _FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 _MAX_LISTED = 20
 
@@ -164,26 +164,39 @@ def read_hf_config(path) -> dict[str, Any]:
 
 # --- reading safetensors ---------------------------------------------------------
 
+def weight_files(folder) -> tuple[list[str], dict[str, str] | None]:
+  """The safetensors files of an HF folder, and its index's weight map (None for one file).
+
+  As in transformers, one `model.safetensors` wins over an index beside it: re-saving a
+  sharded folder unsharded, or copying over one, leaves the old index (and shards) behind.
+  """
+  folder = pathlib.Path(folder)
+  single, index = folder / WEIGHTS_FILE, folder / INDEX_FILE
+  if single.is_file():
+    if index.is_file():
+      logging.warning("HF checkpoint %s: reading %s; the %s beside it is ignored, as "
+                      "transformers ignores it", folder, WEIGHTS_FILE, INDEX_FILE)
+    return [WEIGHTS_FILE], None
+  if not index.is_file():
+    raise ValueError(f"HF checkpoint {folder}: no weights: expected {WEIGHTS_FILE} or "
+                     f"{INDEX_FILE} with its shards (found: {_listing(folder)})")
+  try:
+    weight_map = json.loads(index.read_text())["weight_map"]
+  except (json.JSONDecodeError, KeyError, TypeError) as err:
+    raise ValueError(f"HF checkpoint {index}: malformed index ({err!r})") from err
+  files = sorted(set(weight_map.values()))
+  missing_files = [f for f in files if not (folder / f).is_file()]
+  if missing_files:
+    raise ValueError(f"HF checkpoint {folder}: {INDEX_FILE} names weight files that do not "
+                     f"exist: {missing_files}")
+  return files, weight_map
+
+
 class _Reader:
   """Tensor names, shapes and values across one or many safetensors files."""
 
   def __init__(self, folder: pathlib.Path, stack: contextlib.ExitStack):
-    single, index = folder / WEIGHTS_FILE, folder / INDEX_FILE
-    if index.is_file():
-      try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-      except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"HF checkpoint {index}: malformed index ({err!r})") from err
-    elif single.is_file():
-      weight_map = None
-    else:
-      raise ValueError(f"HF checkpoint {folder}: no weights: expected {WEIGHTS_FILE} or "
-                       f"{INDEX_FILE} with its shards (found: {_listing(folder)})")
-    files = sorted(set(weight_map.values())) if weight_map is not None else [WEIGHTS_FILE]
-    missing_files = [f for f in files if not (folder / f).is_file()]
-    if missing_files:
-      raise ValueError(f"HF checkpoint {folder}: {INDEX_FILE} names weight files that do not "
-                       f"exist: {missing_files}")
+    files, weight_map = weight_files(folder)
     self._handles = {f: stack.enter_context(safe_open(str(folder / f), framework="np"))
                      for f in files}
     self.file_of: dict[str, str] = {}
@@ -212,8 +225,15 @@ def _check_weights(cfg: ModelConfig, reader: _Reader, folder: pathlib.Path) -> N
   expected = hf_tensor_shapes(cfg)
   available = reader.file_of
   missing = [n for n in expected if n not in available]
-  # A tied model may still carry its (duplicate) lm_head; the embedding is used.
+  # A tied model may still carry its lm_head; the embedding is used, so it must be a copy
+  # (transformers unties the two where it is not).
   allowed = {"lm_head.weight"} if cfg.tie_embeddings else set()
+  if allowed & set(available) and "model.embed_tokens.weight" in available and (
+      reader.shape("lm_head.weight") != reader.shape("model.embed_tokens.weight")
+      or not np.array_equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight"))):
+    raise ValueError(f"HF checkpoint {folder}: {CONFIG_FILE} says tie_word_embeddings=true, "
+                     f"but lm_head.weight is not a copy of model.embed_tokens.weight; if the "
+                     f"head was trained on its own, set tie_word_embeddings=false")
   extra = sorted(n for n in available
                  if n not in expected and n not in allowed and not _IGNORED.match(n))
   wrong_shape = [f"{n}: config.json implies {list(s)}, file has {list(reader.shape(n))}"
@@ -375,7 +395,7 @@ def save_hf_checkpoint(cfg: ModelConfig, state_or_model, path, *,
         old.unlink()
     hf_config = cfg.to_hf_config()
     if dtype is not None:
-      hf_config["torch_dtype"] = dtype
+      hf_config["dtype"] = hf_config["torch_dtype"] = dtype
     _write_json(folder / CONFIG_FILE, hf_config)
     _write_json(folder / GENERATION_CONFIG_FILE,
                 {"_from_model_config": True, **dict(generation_config or {})})

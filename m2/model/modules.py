@@ -24,7 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 from m2 import parallel
 from m2.model import kernels
 from m2.model.config import ModelConfig
-from m2.model.quant import maybe_quant
+from m2.model.quant import INPUT_AXES, maybe_quant
 
 _init = nnx.initializers.normal(stddev=0.02)
 
@@ -260,7 +260,7 @@ class Attention(nnx.Module):
     cfg = self.cfg
     dt = cfg.compute_dtype
     g = cfg.q_per_kv
-    qkv = jnp.einsum("bte,ekgd->btkgd", x, maybe_quant(self.qkv[...], 1, cfg.quant).astype(dt))
+    qkv = jnp.einsum("bte,ekgd->btkgd", x, maybe_quant(self.qkv[...], INPUT_AXES["qkv"], cfg.quant).astype(dt))
     if self.qkv_bias is not None:
       qkv = qkv + self.qkv_bias[...].astype(dt)
     qkv = checkpoint_name(qkv, "qkv_proj")  # what remat_policy="qkv_proj" keeps
@@ -288,7 +288,7 @@ class Attention(nnx.Module):
       attn = attn.transpose(0, 3, 1, 2, 4)  # [B, T, K, G, D]
     # Output projection as one matmul over (K, G, D) = all query heads.
     attn = attn.reshape(b * t, -1)
-    w_out = maybe_quant(self.out[...], 3, cfg.quant).astype(dt)
+    w_out = maybe_quant(self.out[...], INPUT_AXES["out"], cfg.quant).astype(dt)
     y = (attn @ w_out.reshape(-1, w_out.shape[-1])).reshape(b, t, -1)
     return y, new_cache
 
@@ -351,8 +351,8 @@ class MLP(nnx.Module):
   def __call__(self, x):
     dt = self.cfg.compute_dtype
     quant = self.cfg.quant
-    return swiglu_mlp(x, maybe_quant(self.gate_up[...], 1, quant).astype(dt),
-                      maybe_quant(self.down[...], 1, quant).astype(dt))
+    return swiglu_mlp(x, maybe_quant(self.gate_up[...], INPUT_AXES["gate_up"], quant).astype(dt),
+                      maybe_quant(self.down[...], INPUT_AXES["down"], quant).astype(dt))
 
 
 class Block(nnx.Module):

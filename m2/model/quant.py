@@ -179,3 +179,32 @@ def maybe_quant(w, in_axes: int, spec: str):
   """`w` unchanged when `spec` is "none", else its fake-quantized value."""
   scheme = parse(spec)
   return w if scheme is None else fake_quant(w, in_axes, scheme)
+
+
+# The linear weights the forward quantizes (m2/model/modules.py), and how many leading
+# axes of one layer's weight are its input dimension.
+INPUT_AXES = {"qkv": 1, "out": 3, "gate_up": 1, "down": 1}
+
+
+def computed_weights(params, spec: str):
+  """The Transformer's params (nested dict or nnx.State, layers stacked) with every
+  quantized weight replaced by the value the forward computes with under `spec`.
+
+  For export: with these, a quant="none" model computes what the quantization-aware
+  one does, so a dense HF folder of them serves the model that was trained.
+  """
+  scheme = parse(spec)
+  if scheme is None:
+    return params
+  from flax import nnx
+  if isinstance(params, nnx.State):
+    params = nnx.to_pure_dict(params)
+
+  def one(path, w):
+    name = getattr(path[-1], "key", None)
+    if name not in INPUT_AXES:
+      return w
+    per_layer = functools.partial(fake_quant, in_axes=INPUT_AXES[name], scheme=scheme)
+    return jax.jit(jax.vmap(per_layer))(w).astype(w.dtype)
+
+  return jax.tree_util.tree_map_with_path(one, params)

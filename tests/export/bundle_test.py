@@ -125,11 +125,18 @@ def test_serve_local_streams_an_openai_chat_reply(bundled):
       plain = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
                                     do_sample=False)
     assert streamed == engine.tokenizer.decode(plain[0, ids.shape[1]:], skip_special_tokens=True)
-    try:
-      post({"messages": "hi"})
-      raise AssertionError("a malformed request was accepted")
-    except urllib.error.HTTPError as err:
-      assert err.code == 400 and "messages" in json.loads(err.read())["error"]["message"]
+    # OpenAI clients may send content as a list of text parts.
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Doctor: Any fever"},
+                                          {"type": "text", "text": " or chills?"}]}]
+    with post({"messages": parts, "max_tokens": 16}) as r:
+      assert json.loads(r.read())["choices"][0]["message"]["content"] == streamed
+    for bad, field in (("hi", "messages"), ([{"role": "user", "content": None}], "content"),
+                       ([{"role": "user", "content": [{"type": "image_url"}]}], "content")):
+      try:
+        post({"messages": bad})
+        raise AssertionError(f"a malformed request was accepted: {bad}")
+      except urllib.error.HTTPError as err:
+        assert err.code == 400 and field in json.loads(err.read())["error"]["message"]
   finally:
     server.shutdown()
 

@@ -57,6 +57,48 @@ def test_logits_match_m2_on_a_padded_batch(trained_run, exported):
   assert np.mean(np.argmax(theirs[real][:-1], -1) == tokens[real][1:]) > 0.1
 
 
+def test_a_quantization_aware_model_exports_the_weights_it_computes_with(trained_run, tmp_path):
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  from m2.data.tokenizers import ByteTokenizer
+
+  cfg, params, _, _ = to_hf.read_checkpoint(to_hf.find_stage_dir(trained_run))
+  qat = cfg.replace(quant="int4_asym_g64")
+  out = tmp_path / "qat"
+  out.mkdir()
+  to_hf.write_hf_folder(qat, params, out, ByteTokenizer())
+  tokens, positions, segments = padded_batch(ByteTokenizer(), TEXTS)
+  ours, _ = m2_model(qat, params)(tokens, positions, segments)
+  dense, _ = m2_model(cfg, params)(tokens, positions, segments)
+  model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+  with torch.no_grad():
+    theirs = model(input_ids=torch.as_tensor(tokens, dtype=torch.long),
+                   attention_mask=torch.as_tensor(segments),
+                   position_ids=torch.as_tensor(positions, dtype=torch.long)).logits.numpy()
+  real = segments.astype(bool)
+  np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=1e-4, rtol=0)
+  assert np.abs(np.asarray(dense)[real] - theirs[real]).max() > 1e-2  # not the master weights
+
+
+def test_an_hf_tokenizer_folder_ships_the_chat_template_m2_trained_with(exported, tmp_path):
+  import shutil
+
+  from m2.data.chat import CHAT_TEMPLATE
+  from m2.data.tokenizers import HFTokenizer
+
+  source = tmp_path / "qwen_like"
+  shutil.copytree(exported, source)
+  config_file = source / "tokenizer_config.json"
+  config = json.loads(config_file.read_text())
+  config["chat_template"] = "{{ 'You are Qwen, created by Alibaba Cloud.' }}"
+  config_file.write_text(json.dumps(config))
+  out = tmp_path / "out"
+  out.mkdir()
+  to_hf.write_tokenizer(HFTokenizer(str(source)), out)
+  assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+
+
 def test_sharded_export_roundtrips_through_m2(trained_run, tmp_path):
   from m2.model import hf
   out = tmp_path / "sharded"

@@ -21,7 +21,7 @@ from safetensors.numpy import save_file
 
 from m2 import parallel
 from m2.model import hf
-from m2.model.config import HF_ARCHITECTURES
+from m2.model.config import HF_ARCHITECTURES, ModelConfig
 from m2.model.transformer import Transformer
 
 VOCAB, EMBED, LAYERS, HEADS, KV_HEADS, HEAD_DIM, MLP = 128, 64, 2, 4, 2, 16, 128
@@ -209,12 +209,80 @@ def test_bfloat16_checkpoint(tmp_path):
   assert sorted(original) == sorted(exported)
   for name, value in original.items():
     assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
-  assert json.loads((tmp_path / "out" / hf.CONFIG_FILE).read_text())["torch_dtype"] == "bfloat16"
+  written = json.loads((tmp_path / "out" / hf.CONFIG_FILE).read_text())
+  assert written["dtype"] == written["torch_dtype"] == "bfloat16"
+  assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.bfloat16
   # bf16 weights written as they are reproduce them too.
   hf.save_hf_checkpoint(cfg_bf, state_bf, tmp_path / "out_bf")
   exported = _read_all(tmp_path / "out_bf")
   for name, value in original.items():
     assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
+
+
+# --- folders as transformers reads them ---------------------------------------------
+
+def _transformers_reads(config: dict, tmp_path):
+  (tmp_path / hf.CONFIG_FILE).write_text(json.dumps(config))
+  c = transformers.AutoConfig.from_pretrained(tmp_path)
+  theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta") or c.rope_theta
+  # As the attention layers read it.
+  head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+  return head_dim, float(theta)
+
+
+@pytest.mark.parametrize("family,edits", [
+    ("qwen3", {"head_dim": None}),                       # Qwen3Config's default head_dim
+    ("qwen2", {"head_dim": None}),                       # hidden_size / heads
+    ("qwen2", {"rope_theta": 10000.0,                    # both; rope_parameters wins
+               "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}),
+    ("qwen3", {"rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}),
+    ("qwen2", {"dtype": None, "torch_dtype": "bfloat16", "rope_parameters": None,
+               "rope_scaling": None, "rope_theta": 2e5}),   # transformers 4's names
+], ids=["qwen3-no-head_dim", "qwen2-no-head_dim", "theta-twice", "theta-in-parameters", "v4"])
+def test_config_json_is_read_as_transformers_reads_it(family, edits, tmp_path):
+  config = _hf_model(family, tie=False).config.to_dict()
+  for key, value in edits.items():
+    config.pop(key, None) if value is None else config.update({key: value})
+  cfg = ModelConfig.from_hf_config(config)
+  assert (cfg.head_dim, cfg.rope_theta) == _transformers_reads(config, tmp_path)
+
+
+def test_one_weights_file_wins_over_a_stale_index(tmp_path):
+  # Re-saving a sharded folder unsharded, or copying over one, leaves the index behind.
+  old, new = _hf_model("qwen2", tie=False, seed=0), _hf_model("qwen2", tie=False, seed=1)
+  old.save_pretrained(tmp_path / "old", max_shard_size="50KB")
+  new.save_pretrained(tmp_path / "new")
+  for f in (tmp_path / "old").glob("model*.safetensors*"):
+    shutil.copy(f, tmp_path / "new")
+  assert (tmp_path / "new" / hf.INDEX_FILE).is_file()
+  reloaded = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "new",
+                                                           attn_implementation="eager")
+  tokens, real, positions = _batch(left_pad=False)
+  want = _hf_logits(reloaded.float().eval(), tokens, real, positions)
+  assert _max_diff_on_real(_hf_logits(new, tokens, real, positions), want, real) == 0
+  got = _m2_logits(hf.load_model(tmp_path / "new"), tokens, real, positions)
+  assert _max_diff_on_real(got, want, real) < ATOL
+
+
+def test_rotary_buffers_of_older_exports_are_ignored(qwen3_folder):
+  cfg, state = hf.load_hf_checkpoint(qwen3_folder)
+  inv_freq = np.ones(HEAD_DIM // 2, np.float32)
+  _edit_weights(qwen3_folder, add={"model.rotary_emb.inv_freq": inv_freq,
+                                   "model.layers.0.self_attn.rotary_emb.inv_freq": inv_freq})
+  cfg2, state2 = hf.load_hf_checkpoint(qwen3_folder)
+  assert cfg2 == cfg
+  for path, value in _flat(state).items():
+    assert np.array_equal(value, _flat(state2)[path]), path
+
+
+def test_a_tied_folder_may_carry_its_head_only_as_a_copy(tmp_path):
+  _hf_model("qwen3", tie=True).save_pretrained(tmp_path)
+  embed = _read_all(tmp_path)["model.embed_tokens.weight"]
+  _edit_weights(tmp_path, add={"lm_head.weight": embed.copy()})
+  hf.load_hf_checkpoint(tmp_path)
+  _edit_weights(tmp_path, add={"lm_head.weight": embed + 1})   # transformers would untie
+  with pytest.raises(ValueError, match="lm_head.weight is not a copy"):
+    hf.load_hf_checkpoint(tmp_path)
 
 
 # --- loading onto a mesh ------------------------------------------------------------
