@@ -36,21 +36,25 @@ def test_folder_loads_offline_with_tokenizer_and_chat_template(exported):
   assert rendered == ChatFormat(ours).render(chat, add_generation_prompt=True)
 
 
-def test_logits_match_m2_on_a_padded_batch(trained_run, exported):
+def _transformers_logits(folder, tokens, positions, segments):
   import torch
   from transformers import AutoModelForCausalLM
 
+  model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+  with torch.no_grad():
+    return model(input_ids=torch.as_tensor(tokens, dtype=torch.long),
+                 attention_mask=torch.as_tensor(segments),
+                 position_ids=torch.as_tensor(positions, dtype=torch.long)).logits.numpy()
+
+
+def test_logits_match_m2_on_a_padded_batch(trained_run, exported):
   from m2.data.tokenizers import ByteTokenizer
 
   cfg, params, meta, step = to_hf.read_checkpoint(to_hf.find_stage_dir(trained_run))
   assert step == 60 and meta["stage"] == "midtrain"
   tokens, positions, segments = padded_batch(ByteTokenizer(), TEXTS)
   ours, _ = m2_model(cfg, params)(tokens, positions, segments)
-  model = AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32).eval()
-  with torch.no_grad():
-    theirs = model(input_ids=torch.as_tensor(tokens, dtype=torch.long),
-                   attention_mask=torch.as_tensor(segments),
-                   position_ids=torch.as_tensor(positions, dtype=torch.long)).logits.numpy()
+  theirs = _transformers_logits(exported, tokens, positions, segments)
   real = segments.astype(bool)
   np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=1e-4, rtol=0)
   # The model was trained: a random init would not predict these bytes this well.
@@ -58,9 +62,6 @@ def test_logits_match_m2_on_a_padded_batch(trained_run, exported):
 
 
 def test_a_quantization_aware_model_exports_the_weights_it_computes_with(trained_run, tmp_path):
-  import torch
-  from transformers import AutoModelForCausalLM
-
   from m2.data.tokenizers import ByteTokenizer
 
   cfg, params, _, _ = to_hf.read_checkpoint(to_hf.find_stage_dir(trained_run))
@@ -71,11 +72,7 @@ def test_a_quantization_aware_model_exports_the_weights_it_computes_with(trained
   tokens, positions, segments = padded_batch(ByteTokenizer(), TEXTS)
   ours, _ = m2_model(qat, params)(tokens, positions, segments)
   dense, _ = m2_model(cfg, params)(tokens, positions, segments)
-  model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-  with torch.no_grad():
-    theirs = model(input_ids=torch.as_tensor(tokens, dtype=torch.long),
-                   attention_mask=torch.as_tensor(segments),
-                   position_ids=torch.as_tensor(positions, dtype=torch.long)).logits.numpy()
+  theirs = _transformers_logits(out, tokens, positions, segments)
   real = segments.astype(bool)
   np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=1e-4, rtol=0)
   assert np.abs(np.asarray(dense)[real] - theirs[real]).max() > 1e-2  # not the master weights
