@@ -151,6 +151,12 @@ class EagleDrafter(Drafter):
     self.graphdef, abstract = nnx.split(head_module)
     self._abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)
 
+  def check_target(self, cfg: ModelConfig) -> None:
+    super().check_target(cfg)
+    if cfg.embed_dim != self.cfg.embed_dim:
+      raise ValueError(f"this EAGLE head reads the features of a target of width "
+                       f"{self.cfg.embed_dim}; this target's is {cfg.embed_dim}")
+
   def check_params(self, params):
     if isinstance(params, nnx.Module):
       params = nnx.state(params)

@@ -83,7 +83,9 @@ def sampling_logprobs(logits: jax.Array, rows: RowParams, features: Features) ->
     return greedy_mass.reshape(shape)
   temperature = rows.temperature[:, None, None]
   greedy = temperature <= 0
-  x = x / jnp.where(greedy, 1.0, temperature)
+  # Shift first, so the top logit is exactly 0 at any temperature: with gaps / T past
+  # float32's integers (T ~1e-8), fusions would round x / T and its max apart.
+  x = (x - jnp.max(x, axis=-1, keepdims=True)) / jnp.where(greedy, 1.0, temperature)
   if features.top_k:
     top = jax.lax.top_k(x, min(features.top_k, shape[-1]))[0]  # [B, T, K], descending
     k = jnp.clip(rows.top_k, 1, top.shape[-1])[:, None, None]

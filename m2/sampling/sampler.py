@@ -98,6 +98,8 @@ class SamplingParams:
   seed: int | None = None
 
   def __post_init__(self):
+    if isinstance(self.stop_token_ids, int):   # one id, as stop_strings takes one string
+      object.__setattr__(self, "stop_token_ids", (self.stop_token_ids,))
     object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
     if isinstance(self.stop_strings, str):
       object.__setattr__(self, "stop_strings", (self.stop_strings,))
@@ -478,6 +480,15 @@ class Sampler:
     if (state.draft is None) == self.speculative:
       raise ValueError("this SamplerState was made by a different kind of sampler "
                        "(speculative vs plain)")
+    # Another model's cache would run silently: extra layers dropped, missing ones aliased.
+    with self._context():
+      own = jax.eval_shape(lambda: self._init_state(state.cache.batch, state.cache.max_length))
+    layout = lambda tree: (jax.tree.structure(tree.replace(num_rows=0)),  # noqa: E731
+                           [(x.shape, x.dtype) for x in jax.tree.leaves(tree)])
+    if layout(state) != layout(own):
+      raise ValueError("this SamplerState was made by a Sampler for another model (layers, "
+                       "kv heads, head_dim, dtype, layer layout or drafter); continue a "
+                       "conversation with the sampler that started it")
 
   def _requests(self, n: int, sampling) -> list[SamplingParams]:
     if sampling is None:

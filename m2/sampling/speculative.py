@@ -66,6 +66,13 @@ class Drafter(abc.ABC):
 
   vocab_size: int
 
+  def check_target(self, cfg: ModelConfig) -> None:
+    """Raises unless this drafter can draft for a target of config `cfg`."""
+    if self.vocab_size != cfg.vocab_size:
+      raise ValueError(f"the draft vocabulary ({self.vocab_size}) differs from the "
+                       f"target's ({cfg.vocab_size}); speculative decoding needs the "
+                       f"same tokenizer")
+
   def check_params(self, params):
     """Validates the drafter's parameters on the host, before anything compiles."""
     return params
@@ -205,10 +212,7 @@ class SpeculativeSampler(Sampler):
     if not isinstance(drafter, Drafter):
       raise TypeError(f"drafter must be a Drafter (e.g. ModelDrafter(model)), got "
                       f"{type(drafter).__name__}")
-    if drafter.vocab_size != self.cfg.vocab_size:
-      raise ValueError(f"the draft vocabulary ({drafter.vocab_size}) differs from the "
-                       f"target's ({self.cfg.vocab_size}); speculative decoding needs the "
-                       f"same tokenizer")
+    drafter.check_target(self.cfg)
     if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 1):
       raise ValueError(f"num_draft_tokens must be an int >= 1 (got {num_draft_tokens!r})")
     self.drafter = drafter

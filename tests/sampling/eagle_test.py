@@ -92,6 +92,10 @@ def test_an_eagle_head_for_another_shape_is_refused_before_compiling(target):
   assert spec.num_compiles == 0
   with pytest.raises(ValueError, match="multiple of head_dim=8"):
     EagleHead(CFG, rngs=nnx.Rngs(0), width=12)
+  # A head for a wider target with the same tokenizer.
+  wider = EagleDrafter(EagleHead(CFG.replace(embed_dim=48), rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="target of width 48; this target's is 32"):
+    SpeculativeSampler(target, wider, num_draft_tokens=K)
 
 
 def test_sharded_on_a_2x2x2_mesh_gives_the_single_device_output(target):

@@ -124,6 +124,15 @@ def test_sampled_logprobs_follow_temperature_top_k_top_p(model, sampler, full_lo
   assert (out.logprobs[0] > out.policy_logprobs[0]).all()
 
 
+def test_a_near_zero_temperature_samples_the_greedy_tokens(model, sampler):
+  params = nnx.state(model)
+  greedy = sampler.generate(params, PROMPTS, GREEDY)
+  for t in (1e-10, 1e-30):   # logit gaps / t far beyond float32's integers
+    out = sampler.generate(params, PROMPTS, dataclasses.replace(GREEDY, temperature=t, seed=0))
+    np.testing.assert_array_equal(out.tokens, greedy.tokens)
+    np.testing.assert_array_equal(out.logprobs, 0.0)
+
+
 def test_a_seeded_row_does_not_depend_on_its_batch(model, sampler):
   params = nnx.state(model)
   r = SAMPLED[2]
@@ -180,6 +189,17 @@ def test_the_models_scan_and_unrolled_layers_agree(model, sampler):
   np.testing.assert_allclose(a.policy_logprobs, b.policy_logprobs, atol=1e-5)
   assert b.state.cache.k.shape == (CFG.num_layers, 4, CFG.num_kv_heads, CFG.head_dim, 64)
   assert b.state.cache.v.shape == (CFG.num_layers, 4, CFG.num_kv_heads, 64, CFG.head_dim)
+
+
+def test_a_state_from_another_models_sampler_is_refused(model, sampler, make_transformer):
+  params = nnx.state(model)
+  out = sampler.generate(params, [[1, 2, 3]], GREEDY)
+  deeper = make_transformer(CFG.replace(num_layers=3), 1)
+  for other, m in ((Sampler(deeper), deeper), (Sampler(deeper, layers="scan"), deeper),
+                   (Sampler(model, layers="scan"), model)):   # the same model, other layout
+    with pytest.raises(ValueError, match="made by a Sampler for another model"):
+      other.generate(nnx.state(m), [[4]], GREEDY, state=out.state)
+  assert sampler.generate(params, [[4]], GREEDY, state=out.state).tokens.shape == (1, 10)
 
 
 def test_params_are_swapped_without_recompiling(model, sampler, full_logits, make_transformer):
@@ -297,6 +317,7 @@ def test_bad_sampling_params_and_params_fail_clearly(model):
     SamplingParams(top_p=0.0)
   with pytest.raises(ValueError, match="SamplingParams.temperature"):
     SamplingParams(temperature=-1.0)
+  assert SamplingParams(stop_token_ids=5).stop_token_ids == (5,)
   other = nnx.eval_shape(lambda: Transformer(CFG.replace(num_layers=3), rngs=nnx.Rngs(0)))
   s = Sampler(model)
   with pytest.raises(ValueError, match="params do not fit"):
