@@ -165,22 +165,27 @@ def _path(data_dir: str | None, rel: str, collector: _Collector) -> str:
 
 def _jsonl(path: str, collector: _Collector) -> Iterable[tuple[str, Any]]:
   """(location, parsed object) per non-blank line; bad lines go to the collector."""
+  lines = 0
   with open(path, "rb") as f:
     for n, raw in enumerate(f, start=1):
       loc = f"{path}:{n}"
       try:
         text = raw.decode("utf-8")
       except UnicodeDecodeError as e:
+        lines += 1
         collector.fail(loc, f"not UTF-8: byte {e.start}")
         continue
       if not text.strip():
         continue
+      lines += 1
       try:
         yield loc, json.loads(text)
       except json.JSONDecodeError as e:
         collector.fail(loc, f"invalid JSON: {e.msg} at column {e.colno}")
       except RecursionError:
         collector.fail(loc, "invalid JSON: nested too deeply")
+  if not lines:
+    raise RecordError(path, "empty JSONL file (no records)")
 
 
 def _json(path: str) -> Any:

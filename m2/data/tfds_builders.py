@@ -91,6 +91,9 @@ class Settings:
     for s in self.exclude_splits:
       if s.count(":") != 1:
         raise ValueError(f"exclude_splits entries are 'source:split', got {s!r}")
+      if s.split(":")[0] not in loaders.SOURCES:
+        raise ValueError(f"exclude_splits: unknown source in {s!r}; known: "
+                         f"{list(loaders.SOURCES)}")
     if self.math_items < 1:
       raise ValueError(f"math_items must be positive, got {self.math_items}")
     if self.policy not in loaders.POLICIES:
@@ -149,7 +152,7 @@ def check_sources(kind: str, sources: Sequence[str]) -> None:
 def _read_general(name: str, pattern: str, policy: str) -> tuple[list, loaders.LoadReport]:
   """TextDocuments from .txt files (one each) and .jsonl files (a "text" per line)."""
   report = loaders.LoadReport(name)
-  files = sorted(glob.glob(pattern, recursive=True))
+  files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
   if not files:
     raise FileNotFoundError(f"general source {name!r}: no files match {pattern!r}")
   out = []
@@ -165,8 +168,13 @@ def _read_general(name: str, pattern: str, policy: str) -> tuple[list, loaders.L
     report.files.append(path)
     rel = os.path.relpath(path, os.path.dirname(pattern.split("*")[0]) or ".")
     if path.endswith(".jsonl"):
-      with open(path, encoding="utf-8", errors="strict") as f:
-        for n, line in enumerate(f, start=1):
+      with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+          try:
+            line = raw.decode("utf-8")
+          except UnicodeDecodeError as e:
+            bad(f"{path}:{n}", f"not UTF-8: byte {e.start}")
+            continue
           if not line.strip():
             continue
           try:
@@ -179,8 +187,12 @@ def _read_general(name: str, pattern: str, policy: str) -> tuple[list, loaders.L
             continue
           out.append(TextDocument(f"{name}:{rel}:{n}", name, text.strip()))
     else:
-      with open(path, encoding="utf-8", errors="strict") as f:
-        text = f.read().strip()
+      try:
+        with open(path, encoding="utf-8", errors="strict") as f:
+          text = f.read().strip()
+      except UnicodeDecodeError as e:
+        bad(path, f"not UTF-8: byte {e.start}")
+        continue
       if text:
         out.append(TextDocument(f"{name}:{rel}", name, text))
       else:
@@ -217,6 +229,16 @@ def _example(kind: str, record) -> dict | None:
           "record": json.dumps(records.to_dict(record), ensure_ascii=False)}
 
 
+def check_excluded(name: str, records, exclude_splits: Sequence[str]) -> None:
+  """Raises if `exclude_splits` names a split that source `name`'s records lack: a
+  misspelled test split would otherwise go into training unnoticed."""
+  have = {r.split for r in records}
+  missing = [s for s in exclude_splits if s.split(":")[0] == name and s.split(":")[1] not in have]
+  if missing:
+    raise ValueError(f"exclude_splits {missing}: {name} has no such split "
+                     f"(its splits: {sorted(have)})")
+
+
 def collect(kind: str, sources: Sequence[str], settings: Settings
             ) -> tuple[dict[str, list[dict]], dict]:
   """Loads, de-identifies and splits the sources: (split name -> rows, report)."""
@@ -227,6 +249,7 @@ def collect(kind: str, sources: Sequence[str], settings: Settings
   for spec in sources:
     name = source_name(spec)
     recs, counts = _load(spec, settings)
+    check_excluded(name, recs, settings.exclude_splits)
     kept = [r for r in recs if (name, r.split) not in excluded]
     counts["excluded"] = len(recs) - len(kept)
     clean, deid_report = deid.gate(kept, purpose="train")

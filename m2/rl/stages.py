@@ -252,10 +252,11 @@ def load_cases(sources: Sequence[str], data_cfg, limit: int = 0):
   """Training PatientCases through the de-identification gate (simulator purpose).
   `exclude_splits` and the held-out cases that `m2.eval.consult` evaluates on are left out."""
   from m2.data import deid, loaders
-  from m2.data.tfds_builders import is_heldout
+  from m2.data.tfds_builders import check_excluded, is_heldout
   cases = []
   for name in sources:
     loaded = loaders.load_source(name, data_cfg.data_dir or None, policy="skip")
+    check_excluded(name, loaded.records, data_cfg.exclude_splits)
     kept = [c for c in loaded.records if f"{name}:{c.split}" not in data_cfg.exclude_splits
             and not is_heldout(c.id, data_cfg.heldout_fraction)]
     if limit:

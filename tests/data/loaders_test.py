@@ -173,6 +173,10 @@ def test_jsonl_loaders_never_drop_silently(source, data):
     path = _write(root, rel, raw)
     # Blank lines (whitespace only, as str.strip sees it) hold no record.
     records = sum(1 for l in raw.split(b"\n") if l.decode("utf-8", "replace").strip())
+    if not records:   # a file with no record is an error, not an empty source
+      with pytest.raises(RecordError, match=f"{path}: empty JSONL file"):
+        load(root, policy="skip")
+      return
     got = load(root, policy="skip")
     # Every non-blank line is either a record or a counted, located skip.
     assert got.report.loaded + got.report.skipped == records

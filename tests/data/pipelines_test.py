@@ -1,6 +1,7 @@
 """TFDS builders and grain pipelines: de-identified, split, deterministic, resumable,
 masks only on assistant tokens, and the configured mix realised."""
 
+import dataclasses
 import json
 import re
 import sys
@@ -66,6 +67,26 @@ def test_phi_is_gone_before_training_and_clinical_numbers_stay(docs):
     assert kept in text
   phi = docs.report["sources"]["notes"]["phi_replaced"]
   assert phi["NAME"] >= 2 and phi["PHONE"] == phi["DATE"] == phi["EMAIL"] == 1
+
+
+@pytest.mark.parametrize("split,error", [("mts_dialog:test_1", r"mts_dialog has no such split"),
+                                         ("mts_dialg:test1", "unknown source")])
+def test_a_misspelled_test_split_to_exclude_is_refused(cfg, split, error):
+  # Else the test set it meant would go into training.
+  with pytest.raises(ValueError, match=error):
+    pipelines.prepare_data("documents", ("mts_dialog",),
+                           dataclasses.replace(cfg[0], exclude_splits=(split,)))
+
+
+def test_general_text_counts_undecodable_lines_and_skips_folders(cfg, tmp_path):
+  (tmp_path / "sub").mkdir()
+  (tmp_path / "sub" / "c.txt").write_text("A nested note about sleep.")
+  (tmp_path / "d.jsonl").write_bytes(json.dumps({"text": "A good line."}).encode() + b"\n"
+                                     + b'{"text": "latin-1 \xe9"}\n')
+  (tmp_path / "e.txt").write_bytes(b"caf\xe9")
+  got = pipelines.prepare_data("documents", (f"gen={tmp_path}/**",), cfg[0])
+  assert got.report["sources"]["gen"]["loaded"] == 2
+  assert got.report["sources"]["gen"]["skipped"] == 2
 
 
 @pytest.mark.parametrize("kind", tfds_builders.KINDS)
