@@ -7,13 +7,15 @@ One GPU node (8 x H100 80 GB), bf16 weights and optimizer state:
 TPU v5p-64 (32 chips, 4 hosts), fp32 master weights; run on every host:
   gcloud compute tpus tpu-vm ssh $TPU --worker=all --command="cd m2 && \
       python -m m2.main --distributed --config=configs/qwen2_5_32b.py:v5p64 \
-      --workdir=gs://bucket/m2-32b \
+      --workdir=/mnt/shared/m2-32b \
       --config.model.hf_checkpoint=/models/Qwen2.5-32B"
 
 Multi-host GPU (SLURM, one task per host):
   srun --nodes=$N --ntasks-per-node=1 python -m m2.main --distributed \
       --config=configs/qwen2_5_32b.py:h100x8 --workdir=/ckpt/m2-32b ...
 
+The workdir must be one folder every host sees (NFS, Filestore, or a bucket mounted with
+gcsfuse); m2 writes it with plain file I/O, so a gs:// URL is refused.
 Each host calls jax.distributed.initialize() (auto-detected from the TPU pod and SLURM
 environment; `--distributed` forces it). Every stage of tiny.py runs, at real budgets.
 Memory per device: `python -m m2.tools.memory --config=configs/qwen2_5_32b.py:h100x8`.

@@ -89,12 +89,16 @@ def _parse_value(key: str, text: str, current):
     if isinstance(current, (tuple, list)):
       value = ast.literal_eval(text)
       return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if current is None:   # config_flags cannot type it, so m2.main would refuse the point
+      raise ValueError("the field is None in the config, which a command line cannot "
+                       "override; give it a value in the config file")
     try:
       return ast.literal_eval(text)
     except (ValueError, SyntaxError):
       return text
   except (ValueError, SyntaxError) as e:
-    raise ValueError(f"--config.{key}={text!r}: not a {type(current).__name__} ({e})") from None
+    kind = "" if current is None else f"not a {type(current).__name__} "
+    raise ValueError(f"--config.{key}={text!r}: {kind}({e})") from None
 
 
 def _field(config, key: str):
@@ -214,23 +218,18 @@ def launch(point: Point, template: str) -> int:
 def final_metrics(point_dir: str, stages: Sequence[str]) -> dict[str, float | str]:
   """Per stage: the headline metric and wall time from DONE, and the last logged value
   of each key in metrics.jsonl, as `<stage>/<key>` columns."""
+  from m2.train.metrics import read_done, read_metrics
   row: dict[str, float | str] = {}
   for stage in stages:
     stage_dir = os.path.join(point_dir, stage)
-    metrics_path = os.path.join(stage_dir, "metrics.jsonl")
-    if os.path.exists(metrics_path):
-      with open(metrics_path) as f:
-        for line in f:
-          if line.strip():
-            for k, v in json.loads(line).items():
-              if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                row[f"{stage}/{k}"] = v
-              elif k == "step":
-                row[f"{stage}/step"] = v
-    done_path = os.path.join(stage_dir, "DONE")
-    if os.path.exists(done_path):
-      with open(done_path) as f:
-        done = json.load(f)
+    for logged in read_metrics(stage_dir):
+      for k, v in logged.items():
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+          row[f"{stage}/{k}"] = v
+        elif k == "step":
+          row[f"{stage}/step"] = v
+    done = read_done(stage_dir)
+    if done is not None:
       row[f"{stage}/headline"] = done["metric"]
       row[f"{stage}/{done['metric']}"] = done["value"]
       row[f"{stage}/wall_s"] = round(done.get("wall_s", float("nan")), 2)

@@ -25,6 +25,8 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import sys
 import time
 from typing import Callable
 
@@ -37,6 +39,7 @@ from m2.eval import stage as eval_stage
 from m2.model.config import model_config_from
 from m2.rl import stages as rl_stages
 from m2.train.loop import TrainConfig
+from m2.train.metrics import read_done, write_json
 
 # Not __name__: under `python -m m2.main` that is "__main__", outside the "m2" logger
 # whose INFO level main() turns on (the data tables and skip notices would be lost).
@@ -152,8 +155,7 @@ def _source_table(report) -> str:
 
 def _save_json(workdir, name, obj):
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, name), "w") as f:
-    json.dump(obj, f, indent=1, ensure_ascii=False)
+  write_json(os.path.join(workdir, name), obj)
 
 
 def run_midtrain(config, workdir, model_cfg, mesh_cfg, init_params):
@@ -310,8 +312,12 @@ def check_config(config) -> None:
   configlib.build(VerifierConfig, config.get("verifier", {}), "config.verifier")
   for name in config.stages:
     cls = _stage_config_class(name)
-    if cls is not None:
-      configlib.build(cls, config.get(name, {}), f"config.{name}")
+    if cls is None:
+      continue
+    if name not in config and name not in ("eval", "export"):   # all-default blocks
+      raise ValueError(f"config.stages lists {name!r} but the config has no config.{name} "
+                       f"block (see configs/tiny.py)")
+    configlib.build(cls, config.get(name, {}), f"config.{name}")
 
 
 def _ensure_metrics(stage_dir: str, result, metric: str, value) -> None:
@@ -349,12 +355,10 @@ def run(config, workdir: str, stages: list[str] | None = None) -> list[StageResu
   results, finished = [], None
   for name in config.stages:
     stage_dir = os.path.join(workdir, name)
-    done_file = os.path.join(stage_dir, "DONE")
     start, cpu_start = time.time(), time.process_time()
-    if os.path.exists(done_file):
+    done = read_done(stage_dir)
+    if done is not None:
       if name in selected:
-        with open(done_file) as f:
-          done = json.load(f)
         results.append(StageResult(name, "skipped", done.get("wall_s", 0.0), done["metric"],
                                    done["value"], cpu_s=done.get("cpu_s")))
         log.info("stage %s already complete; skipping", name)
@@ -367,15 +371,16 @@ def run(config, workdir: str, stages: list[str] | None = None) -> list[StageResu
       continue
     if finished is not None:
       params = restore_params(os.path.join(workdir, finished), model_cfg, configlib.build(
-          TrainConfig, config[finished].train, f"config.{finished}.train"), mesh_cfg)
+          TrainConfig, config[finished].train, f"config.{finished}.train"), mesh_cfg,
+                              tokenizer=config.data.tokenizer)
       finished = None
     result, metric, value = STAGES[name](config, stage_dir, model_cfg, mesh_cfg, params)
     params = result.state.params
     _ensure_metrics(stage_dir, result, metric, value)
     status = "resumed" if result.resumed_from is not None else "ran"
     wall, cpu = time.time() - start, time.process_time() - cpu_start
-    with open(done_file, "w") as f:
-      json.dump({"metric": metric, "value": value, "wall_s": wall, "cpu_s": cpu}, f)
+    write_json(os.path.join(stage_dir, "DONE"),
+               {"metric": metric, "value": value, "wall_s": wall, "cpu_s": cpu})
     results.append(StageResult(name, status, wall, metric, value, params, cpu))
   return results
 
@@ -434,6 +439,10 @@ def main(argv):
   del argv
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
+  if "://" in _WORKDIR.value:
+    raise app.UsageError(f"--workdir={_WORKDIR.value}: m2 writes its workdir with plain file "
+                         f"I/O; give a folder every host sees (e.g. a bucket mounted with "
+                         f"gcsfuse), not a URL")
   if _DISTRIBUTED.value or (_DISTRIBUTED.value is None
                             and any(os.environ.get(v) for v in _MULTIHOST_ENV)):
     import jax
@@ -455,6 +464,22 @@ def main(argv):
       print("\n" + line)
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, where a --config.* override naming no field gets its name back
+  (ml_collections raises a bare KeyError / AttributeError with the last key only)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as err:
+    while err.args and isinstance(err.args[0], BaseException):   # AttributeError(KeyError)
+      err = err.args[0]
+    message = str(err.args[0] if err.args else err)
+    key = re.match(r"'(\w+)'", message)
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    named = [o for o in overrides if key and key[1] in o.split(".")] or overrides
+    sys.exit(f"FATAL: {', '.join(named)}: no such config field "
+             f"({message.replace(chr(10), '; ')})")
+
+
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -3,10 +3,12 @@
 import importlib.util
 import json
 import os
+import shutil
 
 import pytest
 
 from m2 import main
+from m2.train.checkpoint import CheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,6 +56,13 @@ def test_tiny_pipeline_trains_then_skips_when_done(tmp_path, cache):
   assert [(r.name, r.status, r.value) for r in again] == [("midtrain", "skipped", first_loss)]
   table = main.summary_table(again)
   assert "midtrain" in table and "skipped" in table
+  # A DONE or a metrics line torn by a kill does not block the run: it resumes at its end.
+  (stage / "DONE").write_text('{"metric": "eval_lo')
+  with open(stage / "metrics.jsonl", "a") as f:
+    f.write('{"step": 7, "lo')
+  again = main.run(tiny_config(cache), str(tmp_path))
+  assert [(r.name, r.status) for r in again] == [("midtrain", "resumed")]
+  assert json.loads((stage / "DONE").read_text())["metric"] == "eval_loss"
 
 
 def test_loss_goes_down_on_the_medical_corpus(tmp_path, cache):
@@ -99,6 +108,11 @@ def test_sft_starts_from_midtrain_weights_and_trains_on_doctor_turns(tmp_path, c
   assert 0 < windows["assistant_tokens"] < windows["tokens"]
   again = main.run(c, str(tmp_path), stages=["sft"])
   assert [(r.name, r.status) for r in again] == [("sft", "skipped")]
+  # The finished midtrain hands its weights on only to a run with its tokenizer.
+  shutil.rmtree(tmp_path / "sft")
+  c.data.tokenizer = "sp:8192"
+  with pytest.raises(CheckpointError, match="tokenizer: checkpoint has 'byte', run expects"):
+    main.run(c, str(tmp_path), stages=["sft"])
 
 
 def test_a_stage_that_logs_nothing_gets_metrics_and_the_summary_shows_its_times(
@@ -219,6 +233,11 @@ def test_a_typo_in_a_late_stage_fails_before_the_first_stage_runs(tmp_path, cach
 def test_unknown_stage_is_refused(tmp_path, cache):
   with pytest.raises(ValueError, match="not in config.stages"):
     main.run(tiny_config(cache), str(tmp_path), stages=["midtrian"])
+  c = tiny_config(cache)
+  c.stages = ("midtrain", "sft", "eval")
+  del c["sft"]
+  with pytest.raises(ValueError, match="lists 'sft' but the config has no config.sft block"):
+    main.run(c, str(tmp_path))
 
 
 def test_batch_that_does_not_split_over_the_mesh_is_refused(tmp_path, cache):
@@ -287,3 +306,12 @@ def test_command_line_prints_the_summary_and_logs_skips(tmp_path):
   row = next(l for l in lines if l.startswith("midtrain"))
   assert row.split()[1] == "skipped" and "1 min 15.0 s" in row and row.endswith("4.2500")
   assert any(l.startswith("sft ") for l in lines) and "earlier run" in proc.stdout
+  # A misspelled override and a URL workdir fail in one line that names them.
+  for args, message in (
+      ([f"--workdir={tmp_path}", "--config.midtrain.train.stepz=3"],
+       '--config.midtrain.train.stepz: no such config field (\'stepz\'; Did you mean "steps"'),
+      (["--workdir=gs://bucket/run"], "--workdir=gs://bucket/run: m2 writes its workdir with")):
+    proc = subprocess.run([sys.executable, "-m", "m2.main", "--config=configs/tiny.py", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

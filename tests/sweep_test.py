@@ -57,6 +57,8 @@ def test_print_mode_checks_keys_and_writes_one_command_per_point(tmp_path, capsy
   with pytest.raises(ValueError, match="not in config.stages"):
     sweep.main([f"--config={CONFIG}", f"--workdir={tmp_path}", "--grid=sft.pack=true,false",
                 "--stages=no_such_stage"])
+  with pytest.raises(ValueError, match="None in the config, which a command line cannot"):
+    sweep.main([f"--config={CONFIG}", f"--workdir={tmp_path}", "--grid=mesh.rollout_rules=1,2"])
   capsys.readouterr()
   assert sweep.main([f"--config={CONFIG}", f"--workdir={tmp_path}", "--mode=print",
                      "--stages=midtrain", "--set=midtrain.train.steps=5",

@@ -50,13 +50,14 @@ def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
 _MAY_CHANGE = frozenset(f"model.{name}" for name in EXECUTION_FIELDS)
 
 
-def _diff_meta(saved: dict, expected: dict, prefix: str = "") -> list[str]:
+def _diff_meta(saved: dict, expected: dict, may_change: frozenset[str],
+               prefix: str = "") -> list[str]:
   out = []
   for key in sorted(set(saved) | set(expected)):
     a, b = saved.get(key, "<missing>"), expected.get(key, "<missing>")
     if isinstance(a, dict) and isinstance(b, dict):
-      out += _diff_meta(a, b, f"{prefix}{key}.")
-    elif a != b and f"{prefix}{key}" not in _MAY_CHANGE:
+      out += _diff_meta(a, b, may_change, f"{prefix}{key}.")
+    elif a != b and f"{prefix}{key}" not in may_change:
       out.append(f"{prefix}{key}: checkpoint has {a!r}, run expects {b!r}")
   return out
 
@@ -94,8 +95,13 @@ class Checkpointer:
                                 meta=ocp.args.JsonSave(meta or {})),
         force=force)
 
-  def check(self, step: int, abstract_state, meta: dict | None = None) -> None:
-    """Raises CheckpointError naming every difference from what the run expects."""
+  def check(self, step: int, abstract_state, meta: dict | None = None,
+            may_change: tuple[str, ...] = ()) -> None:
+    """Raises CheckpointError naming every difference from what the run expects.
+
+    meta: the entries the run expects (others in the checkpoint are not compared);
+    may_change: dotted meta names, besides the model's execution fields, that may differ.
+    """
     problems = []
     try:
       saved_meta = self._manager.restore(step, args=ocp.args.Composite(
@@ -105,7 +111,8 @@ class Checkpointer:
       raise CheckpointError(f"checkpoint {self.directory}/{step} is unreadable or corrupt: "
                             f"{type(e).__name__}: {e}") from e
     if meta is not None:
-      problems += _diff_meta(saved_meta, meta)
+      problems += _diff_meta({k: saved_meta.get(k, "<missing>") for k in meta}, meta,
+                             _MAY_CHANGE | set(may_change))
     if saved_tree is None:
       raise CheckpointError(f"checkpoint {self.directory}/{step} has no 'state' item")
     saved = {p: (tuple(m.shape), str(m.dtype)) for p, m in
@@ -125,7 +132,8 @@ class Checkpointer:
       raise CheckpointError(f"checkpoint {self.directory}/{step} does not match this run:\n  "
                             + "\n  ".join(shown))
 
-  def restore(self, abstract_state, step: int | None = None, meta: dict | None = None):
+  def restore(self, abstract_state, step: int | None = None, meta: dict | None = None,
+              may_change: tuple[str, ...] = ()):
     """Restores (state, data_state) onto the shardings carried by `abstract_state`.
 
     `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings (nnx
@@ -134,7 +142,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
-    self.check(step, abstract_state, meta)
+    self.check(step, abstract_state, meta, may_change)
     target = to_arrays(abstract_state)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(

@@ -257,15 +257,19 @@ def _last_logged(workdir: str) -> dict[str, float]:
 
 
 def restore_params(workdir: str, model_cfg: ModelConfig, cfg: TrainConfig,
-                   mesh_cfg: MeshConfig) -> nnx.State:
-  """The parameters of the last checkpoint a `train` run left in `workdir`."""
+                   mesh_cfg: MeshConfig, tokenizer: str | None = None) -> nnx.State:
+  """The parameters of the last checkpoint a `train` run left in `workdir`, refused
+  when it was trained as another model or (if given) with another tokenizer. The
+  next stage may quantize what this one trained dense."""
   mesh = mesh_cfg.make()
   tx = make_optimizer(cfg.optimizer)
   make_model = lambda: Transformer(model_cfg, rngs=nnx.Rngs(cfg.seed))  # noqa: E731
   abstract, _ = abstract_train_state(make_model, tx, mesh, mesh_cfg.rules)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   try:
-    state, _ = ckpt.restore(abstract, meta=None)
+    meta = {"model": dataclasses.asdict(model_cfg),
+            **({"tokenizer": tokenizer} if tokenizer is not None else {})}
+    state, _ = ckpt.restore(abstract, meta=meta, may_change=("model.quant",))
   finally:
     ckpt.close()
   return state.params
