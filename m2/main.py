@@ -345,6 +345,8 @@ def run(config, workdir: str, stages: list[str] | None = None) -> list[StageResu
   from m2.train.loop import MeshConfig, TrainConfig, restore_params
 
   check_config(config)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir={workdir} is a file, not a directory")
   selected = stages or list(config.stages)
   for s in selected:
     if s not in config.stages:

@@ -233,6 +233,9 @@ def test_a_typo_in_a_late_stage_fails_before_the_first_stage_runs(tmp_path, cach
 def test_unknown_stage_is_refused(tmp_path, cache):
   with pytest.raises(ValueError, match="not in config.stages"):
     main.run(tiny_config(cache), str(tmp_path), stages=["midtrian"])
+  (tmp_path / "file").write_text("")
+  with pytest.raises(NotADirectoryError, match="is a file"):
+    main.run(tiny_config(cache), str(tmp_path / "file"))
   c = tiny_config(cache)
   c.stages = ("midtrain", "sft", "eval")
   del c["sft"]

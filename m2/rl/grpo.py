@@ -186,6 +186,8 @@ def dynamic_length_reward(scores, lengths, group_size: int, cfg: LengthRewardCon
     if np.quantile(s[g], cfg.quantile) <= cfg.group_threshold:
       continue
     good = s[g] >= cfg.good_threshold
+    if not good.any():   # good_threshold above every score of a qualifying group
+      continue
     lo, hi = n[g][good].min(), n[g][good].max()
     if hi > lo:
       out[g][good] = cfg.coef * (0.5 - (n[g][good] - lo) / (hi - lo))
@@ -267,13 +269,14 @@ def policy_loss(logp: jax.Array, advantages: jax.Array, mask: jax.Array, cfg: GR
              "ratio_mean": agg(ratio),
              "ratio_max": jnp.max(jnp.where(on, ratio, -jnp.inf)),
              "ratio_min": jnp.min(jnp.where(on, ratio, jnp.inf)),
-             # k3 estimate of KL(old || current): how far this update has moved.
-             "kl_old": agg(jnp.exp(-log_ratio) + log_ratio - 1.0)}
+             # k3 estimate of KL(old || current) over tokens drawn from old, r = ratio:
+             # r - 1 - log r. How far this update has moved.
+             "kl_old": agg(ratio - 1.0 - log_ratio)}
   if cfg.dual_clip:
     metrics["clip_frac_dual"] = agg(dual_clipped.astype(jnp.float32))
   if sampler_logp is not None:
     d = jnp.where(on, old - f32(sampler_logp), 0.0)
-    metrics["kl_sampler"] = agg(jnp.exp(-d) + d - 1.0)   # k3 of KL(sampler || learner)
+    metrics["kl_sampler"] = agg(jnp.exp(d) - d - 1.0)   # k3 of KL(sampler || learner)
     if cfg.tis_cap:
       metrics["tis_weight_mean"] = agg(tis)
       metrics["tis_capped_frac"] = agg((jnp.exp(mismatch) > cfg.tis_cap).astype(jnp.float32))

@@ -43,6 +43,9 @@ class RewardConfig:
 
   def __post_init__(self):
     weights = dict(self.weights)
+    if "length" in weights:
+      raise ValueError("RewardConfig.weights: 'length' is no reward part; Baichuan-M2's "
+                       "length reward is config.<stage>.grpo.length_reward.coef")
     unknown = set(weights) - set(PARTS)
     if unknown:
       raise ValueError(f"RewardConfig.weights: unknown part(s) {sorted(unknown)}; known: {PARTS}")
@@ -54,7 +57,8 @@ class RewardConfig:
     return float(sum(w * parts.get(k, 0.0) for k, w in self.weights.items()))
 
 
-PARTS = ("correct", "rubric", "format", "safety", "length", "elicited")
+# The weighted parts. Length is shaping, not a part: config.<stage>.grpo.length_reward.
+PARTS = ("correct", "rubric", "format", "safety", "elicited")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,10 +72,13 @@ class Reward:
 # ------------------------------------------------------------ answer extraction
 
 _EXPLICIT = re.compile(
-    r"(?:final\s+answer|correct\s+(?:answer|option|choice)|answer|option|choice)"
+    r"(?P<kw>final\s+answer|correct\s+(?:answer|option|choice)|answer|option|choice)"
     r"\s*(?:is|would\s+be|:|=|-)?\s*(?:option\s+|choice\s+)?(?P<open>[\(\[]?)\s*"
     r"(?P<ans>[A-Za-z]{1,5}|-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)\b"
     r"(?P<end>\s*[\)\]]?\s*(?:[\.,;:!\)]|$))?", re.IGNORECASE)
+# A bare "option X" that the response rules out ("Option A is incorrect").
+_RULED_OUT = re.compile(r"\s*(?:is|was|would\s+be|seems)?\s*(?:not\b|incorrect|wrong|"
+                        r"a\s+distractor|unlikely|false|ruled\s+out)", re.IGNORECASE)
 _PAREN_LETTER = re.compile(r"[\(\[]\s*([A-Za-z])\s*[\)\]]")
 _LEADING_LETTER = re.compile(r"^\W*([A-Za-z])(?:[\.\):]|\s*$|\s+[-–])")
 _WORD = re.compile(r"[a-z]+")
@@ -81,21 +88,38 @@ def _normalise(text: str) -> str:
   return re.sub(r"\s+", " ", text.replace("*", "").strip())
 
 
+def _explicit_answers(text: str, accept) -> list[str]:
+  """Explicit answers (lower-cased) that `accept(match, answer)` takes, in order: those
+  named an answer ("the answer is B", "correct option: B") if any, else the bare
+  "option X" / "choice X" ones the response does not rule out."""
+  named, bare = [], []
+  for m in _EXPLICIT.finditer(text):
+    ans = m.group("ans").lower()
+    if not accept(m, ans):
+      continue
+    kw = m.group("kw").lower()
+    if "answer" in kw or kw.startswith("correct"):
+      named.append(ans)
+    elif not _RULED_OUT.match(text, m.end()):
+      bare.append(ans)
+  return named or bare
+
+
 def extract_choice(response: str, labels: Sequence[str], option_texts: Sequence[str] = ()
                    ) -> str | None:
   """The option label a response picks, or None.
 
   Tolerates "Answer: B", "the answer is (b)", "**C**", "B. Gentamicin", a bare
   "b", and the option's text alone when exactly one option's text appears.
-  Labels match case-insensitively; the last explicit answer wins.
+  Labels match case-insensitively; the last explicit answer wins, and one named the
+  answer wins over a bare "option X" (which counts only if not ruled out).
   """
   text = _normalise(response)
   by_lower = {str(l).lower(): str(l) for l in labels}
   # A lower-case letter counts only when set off ("answer is (b)", "answer: b."),
   # so that "the answer is a fracture" does not read as option A.
-  explicit = [m.group("ans").lower() for m in _EXPLICIT.finditer(text)
-              if m.group("ans").lower() in by_lower
-              and (m.group("ans").isupper() or m.group("open") or m.group("end") is not None)]
+  explicit = _explicit_answers(text, lambda m, ans: ans in by_lower and (
+      m.group("ans").isupper() or m.group("open") or m.group("end") is not None))
   if explicit:
     return by_lower[explicit[-1]]
   lead = _LEADING_LETTER.match(text)
@@ -117,8 +141,7 @@ def extract_yes_no(response: str) -> str | None:
   """"yes", "no" or "maybe": an explicit answer, else the first word, else the
   only one of the three words that appears."""
   text = _normalise(response).lower()
-  explicit = [m.group("ans").lower() for m in _EXPLICIT.finditer(text)
-              if m.group("ans").lower() in YES_NO_MAYBE]
+  explicit = _explicit_answers(text, lambda m, ans: ans in YES_NO_MAYBE)
   if explicit:
     return explicit[-1]
   words = _WORD.findall(text)

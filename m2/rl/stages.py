@@ -333,6 +333,7 @@ class ConsultationTask:
 
   def collect(self, params, n: int, group_size: int, rng, stats) -> list[Group]:
     cases = self._next_cases(n)
+    fallbacks = _verifier_fallbacks(self.verifier)
     envs = self.verifier.consultation(max_turns=max(self.turns, 2))
     rows = [c for c in cases for _ in range(group_size)]
     episodes = rollout.consultations(
@@ -347,6 +348,8 @@ class ConsultationTask:
       eps = episodes[g * group_size:(g + 1) * group_size]
       rs = all_rewards[g * group_size:(g + 1) * group_size]
       stats.add("judge_failures", sum(r.failed for r in rs))
+    for name, count in _verifier_fallbacks(self.verifier).items():
+      stats.add(name, count - fallbacks[name])
       groups.append(Group([e.trajectory() for e in eps], rs,
                           np.array([r.parts["rubric"] for r in rs]),
                           np.array([int(e.tokens.mask.sum()) for e in eps]),
@@ -356,6 +359,15 @@ class ConsultationTask:
 
 
 # ------------------------------------------------------------------ GRPO loop
+
+
+def _verifier_fallbacks(verifier) -> dict[str, int]:
+  """Running counts of model-backed grader verdicts and rubrics that did not parse
+  (and were replaced by the reference algorithm's); 0 for the reference backends."""
+  judge = getattr(verifier.grader.judge, "stats", None)
+  return {"judge_malformed": getattr(judge, "malformed", 0),
+          "judge_fallbacks": getattr(judge, "fallbacks", 0),
+          "rubric_fallbacks": getattr(verifier.rubric_generator, "fallbacks", 0)}
 
 
 def shaped_rewards(groups: Sequence[Group], cfg: GRPOConfig, max_new_tokens: int):
@@ -494,8 +506,8 @@ def run_grpo(config, workdir, model_cfg, mesh_cfg, init_params, name: str,
   trend = reward_trend([r["reward_mean"] for r in rows_logged if "reward_mean" in r])
   # The same test on the unshaped reward and on each of its parts: which term moved.
   trend["parts"] = {k: reward_trend([r[k] for r in rows_logged if k in r])
-                    for k in ("reward/total", "reward/overlong", *(f"reward/{p}" for p in
-                                                                  rewards.PARTS))
+                    for k in ("reward/total", "reward/overlong", "reward/length",
+                              *(f"reward/{p}" for p in rewards.PARTS))
                     if any(k in r for r in rows_logged)}
   with open(os.path.join(workdir, "reward_trend.json"), "w") as f:
     json.dump(trend, f, indent=1)

@@ -63,14 +63,17 @@ class ModelRole:
 
   def complete(self, conversations: Sequence[Sequence[Any]], *,
                seeds: Sequence[int | None] | None = None,
-               max_new_tokens: int | None = None) -> list[str]:
-    """One reply per conversation, decoded together in one batch."""
+               max_new_tokens: int | None = None, min_temperature: float = 0.0) -> list[str]:
+    """One reply per conversation, decoded together in one batch, at the role's
+    temperature or `min_temperature` if that is higher (a retry of a greedy role)."""
     if not conversations:
       return []
     prompts = [self._prompt_ids(c) for c in conversations]
     base = self.sampling
     if max_new_tokens is not None:
       base = dataclasses.replace(base, max_new_tokens=max_new_tokens)
+    if min_temperature > base.temperature:
+      base = dataclasses.replace(base, temperature=min_temperature)
     if seeds is None:
       sampling: Any = base
     else:

@@ -112,8 +112,9 @@ def aggregate(metrics: Sequence[Mapping[str, float]], n_bootstrap: int = 1000,
 
 _VERDICT_RE = re.compile(r"```[a-z]*\s*\{[^`]*?\}\s*```|\{[^{}]*\"?criteria_met\"?[^{}]*\}",
                          re.I | re.S)
+# Words addressed to the grader; not medical ones ("sprain grading", "a Gleason score").
 _ADDRESS_RE = re.compile(
-    r"\b(grader|grading|rubric|evaluator|judge|criteria_met|scoring model|score this"
+    r"\b(grader|rubric|evaluator|(dear |to the |attention,? )judge|criteria_met|scoring model"
     r"|all (of )?(the |these |rubric )?criteria (are|were|have been|is) (met|satisfied)"
     r"|every criteri|full (marks|points|score)"
     r"|ignore (all |any |the |previous |prior |above )*(instructions|rubric|criteria|rules)"
@@ -435,7 +436,8 @@ class ModelJudgeStats:
 class ModelJudge:
   """The grader role through the sampler, with bounded retries on malformed JSON.
 
-  Malformed replies are retried (new seeds, batched) up to `max_retries`
+  Malformed replies are retried (new seeds, batched, sampled at least at
+  `retry_temperature`: a greedy grader would repeat itself) up to `max_retries`
   times; items that still fail are judged by `fallback` (the reference judge)
   and counted, so one bad reply never blocks a batch or silently scores 0.
   """
@@ -443,8 +445,9 @@ class ModelJudge:
   name = "model"
 
   def __init__(self, role, *, max_retries: int = 2, fallback: ReferenceJudge | None = None,
-               max_new_tokens: int = 96):
+               max_new_tokens: int = 96, retry_temperature: float = 0.7):
     self.role, self.max_retries, self.max_new_tokens = role, max_retries, max_new_tokens
+    self.retry_temperature = retry_temperature
     self.fallback = fallback or ReferenceJudge()
     self.stats = ModelJudgeStats()
 
@@ -461,7 +464,8 @@ class ModelJudge:
         self.stats.retries += len(todo)
       seeds = [int(hashlib.sha256(f"{i}:{attempt}".encode()).hexdigest()[:8], 16) for i in todo]
       replies = self.role.complete([chats[i] for i in todo], seeds=seeds,
-                                   max_new_tokens=self.max_new_tokens)
+                                   max_new_tokens=self.max_new_tokens,
+                                   min_temperature=self.retry_temperature if attempt else 0.0)
       still = []
       for i, raw in zip(todo, replies):
         v = parse_verdict(raw)

@@ -22,13 +22,14 @@ REASONS = ("diagnosis_and_plan", "doctor_loop", "concerns_addressed", "turn_budg
 _READY_RE = re.compile(r"\bdiagnosis ready\b", re.I)
 _DX_RE = re.compile(r"\b(you have|you've got|you likely have|most likely (have|is|due to|"
                     r"caused by)|(the |my |your |working |final )?diagnosis is|i (think|believe|"
-                    r"suspect) (this|it|you) (is|have|has)|this (is|looks like|sounds like) "
-                    r"(a |an )?\w+|consistent with|suggestive of|caused by)\b", re.I)
+                    r"suspect) (this|it|you) (is|have|has)|this (looks|sounds) like|consistent with|"
+                    r"suggestive of|caused by)\b", re.I)
 _PLAN_RE = re.compile(r"\b(we('ll| will)|i('ll| will)|i recommend|i('d| would) (like|recommend)|"
                       r"treat\w*|prescrib\w*|start (you )?on|therapy|refer\w*|follow[- ]up|"
                       r"surgery|medication|admit\w*|plan)\b", re.I)
 _EXPLAIN_RE = re.compile(r"\b(this (means|is)|because|the cause|what's happening|explain)\b",
                          re.I)
+_SENTENCE_RE = re.compile(r"[^.!?\n]+[.!?]*")
 _CLOSE_RE = re.compile(r"\b(take care|goodbye|good-bye|bye|see you|that's all|we're done|"
                        r"come back if|get well)\b", re.I)
 
@@ -57,8 +58,11 @@ class TerminationGate:
     repeats = sum(1 for t in self.doctor_turns
                   if terms and t and len(terms & t) / len(terms | t) >= self.loop_similarity)
     self.doctor_turns.append(terms)
-    dx = bool(_DX_RE.search(doctor_turn))
-    plan = bool(_PLAN_RE.search(doctor_turn))
+    # A diagnosis or a plan is stated, not asked ("Do you take any medication?").
+    statements = " ".join(s for s in _SENTENCE_RE.findall(doctor_turn)
+                          if not s.rstrip().endswith("?"))
+    dx = bool(_DX_RE.search(statements))
+    plan = bool(_PLAN_RE.search(statements))
     if _READY_RE.search(doctor_turn) or (dx and plan):
       return Decision(True, "diagnosis_and_plan")
     if repeats >= self.loop_repeats:

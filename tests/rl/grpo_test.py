@@ -105,8 +105,10 @@ def test_clip_metrics_match_reference(batch):
   d = batch["old"] - batch["sampler"]
   np.testing.assert_allclose(float(m["tis_capped_frac"]), (np.exp(d) > 2.0)[mask].mean(),
                              rtol=1e-6)
-  np.testing.assert_allclose(float(m["kl_sampler"]), (np.exp(-d) + d - 1)[mask].mean(),
+  # k3 (Schulman 2020) of KL(q || p) on tokens drawn from q: r - 1 - log r, r = p / q.
+  np.testing.assert_allclose(float(m["kl_sampler"]), (np.exp(d) - 1 - d)[mask].mean(),
                              rtol=1e-5)
+  np.testing.assert_allclose(float(m["kl_old"]), (r - 1 - np.log(r))[mask].mean(), rtol=1e-5)
 
 
 def test_on_policy_ratio_is_one_with_gradient(batch):
@@ -191,3 +193,6 @@ def test_dynamic_length_reward_only_for_good_groups():
   # good responses of group 0 have lengths 10, 30, 20 -> 0.5 - (len - 10) / 20
   np.testing.assert_allclose(got, [0.1, -0.1, 0, 0, 0, 0, 0, 0], atol=1e-7)
   assert np.all(grpo.dynamic_length_reward(scores, lengths, 4, LengthRewardConfig()) == 0)
+  # A qualifying group with no response above good_threshold gets nothing.
+  strict = LengthRewardConfig(coef=0.2, quantile=0.8, group_threshold=0.6, good_threshold=0.95)
+  assert np.all(grpo.dynamic_length_reward(scores, lengths, 4, strict) == 0)

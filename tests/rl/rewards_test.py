@@ -26,6 +26,12 @@ PUBMED = QAItem(id="pubmedqa:1", source="pubmedqa", question="Does X cause Y?", 
     ("Answer: A ... on reflection, final answer: (c)", "C"),   # the last explicit wins
     ("Aspirin or heparin, hard to say", None),
     ("", None),
+    # The answer named beats an option it rules out, and a ruled-out option is no answer.
+    ("The answer is B. Option A is incorrect because it is a platelet drug.", "B"),
+    ("Answer: B. Choice C would be wrong here.", "B"),
+    ("The correct answer is B; option D is a distractor.", "B"),
+    ("Option A is not right here. Option C is.", "C"),
+    ("I'd pick option C.", "C"),
 ])
 def test_extract_choice(response, want):
   assert rewards.extract_answer(MCQ, response) == want
@@ -81,3 +87,5 @@ def test_reward_config_validates():
     RewardConfig(weights={"correctness": 1.0})
   with pytest.raises(ValueError, match="no part"):
     RewardConfig(weights={})
+  with pytest.raises(ValueError, match="grpo.length_reward"):   # shaping, not a part
+    RewardConfig(weights={"correct": 1.0, "length": 5.0})

@@ -118,6 +118,13 @@ def test_termination_gate_reasons():
   g.observe("This happens because the muscles are strained.")
   assert g.observe("Take care, goodbye.").reason == "concerns_addressed"
   assert not TerminationGate().observe("Take care, goodbye.").done   # nothing addressed yet
+  # Questions about history state no diagnosis or plan.
+  for question in ("Do you take any medication? This is important to know.",
+                   "Have you had any surgery before? This is a routine question.",
+                   "Is the pain caused by anything, and have you tried any treatment for it?"):
+    assert not TerminationGate().observe(question).done, question
+  stated = "This looks like a migraine, caused by poor sleep. I recommend rest and ibuprofen."
+  assert TerminationGate().observe(stated).reason == "diagnosis_and_plan"
 
 
 def test_fact_unit_check_catches_inventions(agentclinic_cases):
