@@ -296,24 +296,32 @@ def load_judgements(path: str) -> list[dict]:
     return [json.loads(l) for l in f if l.strip()]
 
 
-def grader_stats(grader) -> dict:
+def grader_stats(grader, since: dict | None = None) -> dict:
+  """The grader's counters, or their growth `since` an earlier call (a grader shared by
+  several evaluations keeps counting across them)."""
   out = {"judge": grader.judge.name, **dataclasses.asdict(grader.stats),
-         "cache_hit_rate": grader.cache.hit_rate}
+         "cache_hits": grader.cache.hits, "cache_misses": grader.cache.misses}
   if hasattr(grader.judge, "stats"):
     out["judge_stats"] = dataclasses.asdict(grader.judge.stats)
+  if since is not None:
+    out = {k: ({n: c - since[k][n] for n, c in v.items()} if isinstance(v, dict)
+               else v - since[k] if isinstance(v, int) else v) for k, v in out.items()}
+  looked_up = out["cache_hits"] + out["cache_misses"]
+  out["cache_hit_rate"] = out["cache_hits"] / looked_up if looked_up else 0.0
   return out
 
 
 def evaluate(role, grader, examples: Sequence[HealthBenchExample], *, batch_size: int = 16,
              out_dir: str = "", progress: bool = True, settings: dict | None = None) -> dict:
   """Generate, grade, report (and save when `out_dir`): the whole HealthBench run."""
-  start = time.time()
+  start, before = time.time(), grader_stats(grader)
   responses = generate(role, examples, batch_size, progress)
   gen_s = time.time() - start
   records = grade(grader, examples, responses, batch_size, progress)
   result = report(records)
   result.update(settings or {}, generate_s=round(gen_s, 2),
-                grade_s=round(time.time() - start - gen_s, 2), grader=grader_stats(grader))
+                grade_s=round(time.time() - start - gen_s, 2),
+                grader=grader_stats(grader, since=before))
   if out_dir:
     save(out_dir, records, result)
   return result

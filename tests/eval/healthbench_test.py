@@ -36,6 +36,17 @@ def test_scores_follow_the_rubric_and_the_report_is_simple_evals(examples):
   assert text.splitlines()[1].startswith("overall_score")
 
 
+def test_a_shared_grader_reports_each_runs_own_counts(examples):
+  grader = hb.make_grader("reference")
+  ideal = [e.ideal_completion for e in examples[:3]]
+  hb.grade(grader, examples[:3], ideal, progress=False)
+  before = hb.grader_stats(grader)
+  hb.grade(grader, examples[:3], ideal, progress=False)   # the same judgements: all cached
+  since = hb.grader_stats(grader, since=before)
+  assert since["gradings"] == 3 and since["cache_misses"] == 0 and since["cache_hit_rate"] == 1
+  assert hb.grader_stats(grader)["gradings"] == 6
+
+
 def test_bad_records_are_counted_skips(tmp_path):
   good = (hb.load_examples(limit=1)[0])
   line = {"prompt_id": "p1", "prompt": [{"role": m.role, "content": m.content}
