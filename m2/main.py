@@ -116,11 +116,19 @@ class SFTConfig:
       raise ValueError("sources: no dialogue source")
 
 
+def _data_config(config):
+  """config.data, its tokenizer resolved (the HF checkpoint's when it names none)."""
+  from m2.data import pipelines
+  return pipelines.resolve_tokenizer(configlib.build(pipelines.DataConfig, config.data,
+                                                     "config.data"),
+                                     config.model.get("hf_checkpoint", ""))
+
+
 def _data_setup(config, model_cfg):
   """(DataConfig, tokenizer) shared by the data stages; checks the vocabulary fits."""
   from m2.data import pipelines
-  data_cfg = configlib.build(pipelines.DataConfig, config.data, "config.data")
-  tokenizer = pipelines.load_data_tokenizer(data_cfg, config.model.get("hf_checkpoint", ""))
+  data_cfg = _data_config(config)
+  tokenizer = pipelines.load_data_tokenizer(data_cfg)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
                      f"tokenizer's {tokenizer.vocab_size} (config.data.tokenizer)")
@@ -374,7 +382,7 @@ def run(config, workdir: str, stages: list[str] | None = None) -> list[StageResu
     if finished is not None:
       params = restore_params(os.path.join(workdir, finished), model_cfg, configlib.build(
           TrainConfig, config[finished].train, f"config.{finished}.train"), mesh_cfg,
-                              tokenizer=config.data.tokenizer)
+                              tokenizer=_data_config(config).tokenizer)
       finished = None
     result, metric, value = STAGES[name](config, stage_dir, model_cfg, mesh_cfg, params)
     params = result.state.params

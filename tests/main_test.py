@@ -288,6 +288,11 @@ def test_pipeline_starts_from_a_local_hf_checkpoint_on_a_mesh(tmp_path, cache):
   assert trained["embed"][...].shape == (512, 32)  # the checkpoint's shape, not the config's
   delta = abs(trained["embed"][...] - start.embed[...]).max()
   assert 0 < delta < 0.01                          # a few small steps from the imported weights
+  # The stage names the tokenizer it used, so its weights reload with it.
+  from m2.train import policy
+  assert policy.stage_tokenizer(str(tmp_path / "run" / "midtrain")) == str(ckpt)
+  assert type(policy.load_policy(str(tmp_path / "run" / "midtrain")).tokenizer).__name__ == (
+      "HFTokenizer")
 
 
 def test_command_line_prints_the_summary_and_logs_skips(tmp_path):

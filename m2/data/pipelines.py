@@ -80,12 +80,18 @@ def prepare_data(kind: str, sources: Sequence[str], cfg: DataConfig
   return tfds_builders.prepare(kind, tuple(sources), cfg.settings(), cfg.cache_dir or None)
 
 
+def resolve_tokenizer(cfg: DataConfig, hf_checkpoint: str = "") -> DataConfig:
+  """`cfg` whose `tokenizer` names what the run uses: itself, else the HF checkpoint's
+  folder, else "byte". Stage directories record it, so they reload with the same one."""
+  return dataclasses.replace(cfg, tokenizer=cfg.tokenizer or hf_checkpoint or "byte")
+
+
 def load_data_tokenizer(cfg: DataConfig, hf_checkpoint: str = ""):
-  """The config's tokenizer: `cfg.tokenizer`, else the HF checkpoint's, else bytes. A
-  SentencePiece spec ("sp:8192") is trained on this config's data into its cache."""
+  """The tokenizer `resolve_tokenizer` names. A SentencePiece spec ("sp:8192") is trained
+  on this config's data into its cache."""
   from m2.data import tokenizers
 
-  return tokenizers.load_tokenizer(cfg.tokenizer or hf_checkpoint or "byte",
+  return tokenizers.load_tokenizer(resolve_tokenizer(cfg, hf_checkpoint).tokenizer,
                                    cache_dir=cfg.cache_dir or None, data_dir=cfg.data_dir or None)
 
 

@@ -148,9 +148,10 @@ class _Setup:
     from m2.data import pipelines
     from m2.data.chat import ChatFormat
     from m2.sampling import Sampler
-    self.data_cfg = configlib.build(pipelines.DataConfig, config.data, "config.data")
-    self.tokenizer = pipelines.load_data_tokenizer(self.data_cfg,
-                                                   config.model.get("hf_checkpoint", ""))
+    self.data_cfg = pipelines.resolve_tokenizer(
+        configlib.build(pipelines.DataConfig, config.data, "config.data"),
+        config.model.get("hf_checkpoint", ""))
+    self.tokenizer = pipelines.load_data_tokenizer(self.data_cfg)
     if self.tokenizer.vocab_size > model_cfg.vocab_size:
       raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the "
                        f"tokenizer's {self.tokenizer.vocab_size}")

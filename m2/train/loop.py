@@ -140,7 +140,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, datase
   else:
     graphdef, state, shardings = init_train_state(make_model, tx, mesh, rules, cfg.seed)
     if init_params is not None:
-      state = state.replace(params=_place(init_params, shardings.params))
+      state = state.replace(params=_place(init_params, state.params, shardings.params))
 
   step_fn = make_train_step(graphdef, tx, loss_fn, mesh, shardings, rules, cfg.microbatches)
   batch_sharding = parallel.data_sharding(mesh, rules)
@@ -241,13 +241,17 @@ def _make_eval(graphdef, loss_fn, mesh, rules, param_shardings, batch_sharding, 
   return evaluate
 
 
-def _place(params: nnx.State, shardings) -> nnx.State:
-  """Puts `params` on the run's shardings after checking they fit the model."""
+def _place(params: nnx.State, like: nnx.State, shardings) -> nnx.State:
+  """Puts `params` on the run's shardings after checking they fit the model (`like`)."""
   got = jax.tree_util.tree_flatten_with_path(to_arrays(params))[0]
-  want = jax.tree_util.tree_flatten_with_path(to_arrays(shardings))[0]
+  want = jax.tree_util.tree_flatten_with_path(to_arrays(like))[0]
   if [p for p, _ in got] != [p for p, _ in want]:
     raise ValueError("initial params do not have this model's parameter tree: "
                      f"{sorted(map(jax.tree_util.keystr, {p for p, _ in got} ^ {p for p, _ in want}))}")
+  wrong = [f"{jax.tree_util.keystr(p)}: got {tuple(a.shape)}, the model has {tuple(b.shape)}"
+           for (p, a), (_, b) in zip(got, want) if tuple(a.shape) != tuple(b.shape)]
+  if wrong:
+    raise ValueError(f"initial params do not fit this model: {'; '.join(wrong[:8])}")
   return jax.tree.map(lambda s, p: jax.device_put(p, s), shardings, params)
 
 

@@ -42,10 +42,12 @@ def schedule(cfg: OptimizerConfig) -> optax.Schedule:
 
 
 def _decay_mask(params):
-  # Decay matrices only: norm scales and biases are left alone.
+  # Decay matrices only: norm scales and biases are left alone. A parameter's name is
+  # its last dict key (an nnx Variable adds its own `.value` attribute after it).
   def keep(path, _):
-    name = str(getattr(path[-1], "key", path[-1]))
-    return not (name in ("scale", "qkv_bias") or name.endswith("bias"))
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    name = str(keys[-1]) if keys else ""
+    return not (name == "scale" or name.endswith("bias"))
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

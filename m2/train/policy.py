@@ -52,7 +52,7 @@ def _manager(stage_dir: str):
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{stage_dir}: no checkpoints/ directory (not an m2 stage dir)")
   return directory, ocp.CheckpointManager(directory, item_handlers={
-      "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+      "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
 
 def _meta(manager, directory: str, step: int | None) -> tuple[int, dict]:
@@ -67,9 +67,15 @@ def _meta(manager, directory: str, step: int | None) -> tuple[int, dict]:
 def stage_tokenizer(stage_dir: str) -> str:
   """The tokenizer spec a stage trained with: its data.json, else its checkpoint metadata."""
   data_json = os.path.join(stage_dir, "data.json")
+  spec = None
   if os.path.exists(data_json):
     with open(data_json) as f:
-      return json.load(f).get("tokenizer") or "byte"
+      spec = json.load(f).get("tokenizer")
+  if spec is not None:
+    if not spec:   # "": the HF checkpoint's, which runs before 2026-12-07 did not record
+      raise FileNotFoundError(f"{stage_dir}: trained with the HF checkpoint's tokenizer, "
+                              f"which it does not name; pass --tokenizer")
+    return spec
   directory, manager = _manager(stage_dir)
   try:
     spec = _meta(manager, directory, None)[1].get("tokenizer")
@@ -86,8 +92,7 @@ def load_stage_params(stage_dir: str, mesh=None, rules=parallel.DEFAULT_RULES,
   """(model config, params) of the last (or `step`) checkpoint in `stage_dir/checkpoints`.
 
   Only the metadata and the saved tree are needed: the optimizer the stage
-  used does not have to be known, since every saved array is read as saved
-  and only `params` is kept.
+  used does not have to be known, since only `params` is read (onto `mesh`).
   """
   import orbax.checkpoint as ocp
 
@@ -106,8 +111,8 @@ def load_stage_params(stage_dir: str, mesh=None, rules=parallel.DEFAULT_RULES,
     shardings = parallel.state_shardings(abstract, mesh, rules)
     replicated = parallel.replicated(mesh)
     saved = manager.item_metadata(step)["state"]
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
-                          saved)
+    target = {"params": jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), saved["params"])}
     flat_shardings = dict(nnx.to_flat_state(shardings))
     for path, _ in nnx.to_flat_state(abstract):
       node = target["params"]
@@ -118,8 +123,9 @@ def load_stage_params(stage_dir: str, mesh=None, rules=parallel.DEFAULT_RULES,
                                             sharding=flat_shardings[path].get_value()
                                             if isinstance(flat_shardings[path], nnx.Variable)
                                             else flat_shardings[path])
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))["state"]
   finally:
     manager.close()
   flat = []

@@ -1,0 +1,31 @@
+"""The train loop's own checks on what it is handed."""
+
+import dataclasses
+
+import grain
+import numpy as np
+import pytest
+from flax import nnx
+
+from m2.model import ModelConfig, Transformer
+from m2.train.loop import MeshConfig, TrainConfig, train
+
+CFG = ModelConfig(vocab_size=64, num_layers=1, embed_dim=16, num_heads=2, num_kv_heads=1,
+                  head_dim=8, mlp_dim=32)
+
+
+def _dataset(b=8, t=8):
+  ids = np.random.default_rng(0).integers(3, 64, (4, b, t + 1)).astype(np.int32)
+  rows = [{"inputs": x[:, :-1], "targets": x[:, 1:], "segments": np.ones((b, t), np.int32),
+           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+           "loss_mask": np.ones((b, t), np.int32)} for x in ids]
+  return grain.MapDataset.source(rows).to_iter_dataset()
+
+
+def test_initial_params_of_another_shape_are_refused_naming_them(tmp_path):
+  other = nnx.state(Transformer(dataclasses.replace(CFG, mlp_dim=48), rngs=nnx.Rngs(1)),
+                    nnx.Param)
+  cfg = TrainConfig(steps=1, batch_size=8, seq_len=8, async_checkpoints=False)
+  with pytest.raises(ValueError, match=r"\['blocks'\]\['mlp'\]\['down'\]: got \(1, 48, 16\), "
+                                       r"the model has \(1, 32, 16\)"):
+    train(CFG, cfg, MeshConfig(), _dataset(), str(tmp_path), init_params=other)
