@@ -95,9 +95,13 @@ def _device_grid(devices, shape):
 
 
 def check_rules(rules: Rules, mesh_axes: Iterable[str] = MESH_AXES) -> None:
-  """Fails with the offending entry if a rule names an unknown axis."""
+  """Fails with the offending entry if a rule names an unknown axis (a misspelled
+  logical name would otherwise leave that axis unsharded, silently)."""
   mesh_axes = set(mesh_axes)
   for logical, physical in rules:
+    if logical not in LOGICAL_AXES:
+      raise ValueError(f"sharding rule {logical!r} -> {physical!r}: unknown logical axis "
+                       f"{logical!r}; the model's are {sorted(LOGICAL_AXES)}")
     targets = physical if isinstance(physical, (tuple, list)) else (physical,)
     for t in targets:
       if t is not None and t not in mesh_axes:

@@ -51,6 +51,8 @@ def test_rules_map_logical_names_and_use_each_mesh_axis_once():
     parallel.logical_to_spec(("embd",), rules)
   with pytest.raises(ValueError, match="unknown mesh axis"):
     parallel.check_rules([("embed", "fsd")])
+  with pytest.raises(ValueError, match="unknown logical axis 'mpl'"):
+    parallel.check_rules([("mpl", "tensor")])
 
 
 def test_indivisible_dimension_is_replicated():

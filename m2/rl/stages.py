@@ -431,7 +431,7 @@ def run_grpo(config, workdir, model_cfg, mesh_cfg, init_params, name: str,
   learner = GRPOLearner(model_cfg, gcfg, tcfg.optimizer, mesh, rules, init_params=init_params,
                         seed=tcfg.seed, state=state, microbatches=tcfg.microbatches)
   rows = _round_up(tcfg.batch_size * gcfg.group_size, learner.row_multiple)
-  writer = MetricsWriter(workdir, resume_step=resumed_from or 0)
+  writer = MetricsWriter(workdir, resume_step=resumed_from)
   # GRPO steps are the checkpoints' step numbers; the optimizer's count differs
   # (num_minibatches updates per step, none on a step without a trainable group).
   step = first = resumed_from or 0
@@ -563,7 +563,7 @@ def run_sft_rs(config, workdir, model_cfg, mesh_cfg, init_params):
                              rules, tcfg.microbatches)
   rows = _round_up(tcfg.batch_size * stage.max_keep_per_prompt,
                    learner.data_shards * tcfg.microbatches)
-  writer = MetricsWriter(workdir, resume_step=resumed_from or 0)
+  writer = MetricsWriter(workdir, resume_step=resumed_from)
   step = first = learner.step
   final: dict[str, float] = {}
   bar = tqdm(total=tcfg.steps, initial=step, desc="sft_rs", dynamic_ncols=True, disable=False)

@@ -148,7 +148,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, datase
   if eval_dataset is not None and cfg.eval_every:
     evaluate = _make_eval(graphdef, loss_fn, mesh, rules, shardings.params, batch_sharding,
                           eval_dataset, cfg.eval_batches, cfg.microbatches)
-  writer = MetricsWriter(workdir, resume_step=resumed_from or 0)
+  writer = MetricsWriter(workdir, resume_step=resumed_from)
   step = int(jax.device_get(state.step))
   if evaluate is not None and step == 0:
     writer.write(0, {"eval_loss": evaluate(state.params)})

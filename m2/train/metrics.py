@@ -17,18 +17,21 @@ log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
-  """Appends `{"step": s, **metrics}` lines; on resume, drops lines past `resume_step`
-  (steps the killed run logged after its last checkpoint, which will be redone)."""
+  """Appends `{"step": s, **metrics}` lines. On resume it drops the lines past
+  `resume_step` (steps the killed run logged after its last checkpoint, which will be
+  redone); a fresh run (None) drops all (a run killed before its first checkpoint)."""
 
-  def __init__(self, workdir: str, resume_step: int = 0):
+  def __init__(self, workdir: str, resume_step: int | None = None):
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(self.path):
-      kept = [r for r in _read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+      kept = [r for r in _read_jsonl(self.path)
+              if resume_step is not None and r.get("step", 0) <= resume_step]
       with open(self.path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
     from tensorboardX import SummaryWriter  # heavy import; only when writing
-    self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1)
+    self._tb = SummaryWriter(os.path.join(workdir, "tb"),
+                             purge_step=0 if resume_step is None else resume_step + 1)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}

@@ -29,3 +29,19 @@ def test_initial_params_of_another_shape_are_refused_naming_them(tmp_path):
   with pytest.raises(ValueError, match=r"\['blocks'\]\['mlp'\]\['down'\]: got \(1, 48, 16\), "
                                        r"the model has \(1, 32, 16\)"):
     train(CFG, cfg, MeshConfig(), _dataset(), str(tmp_path), init_params=other)
+
+
+def test_metrics_of_steps_a_restart_redoes_are_dropped(tmp_path):
+  from m2.train.metrics import MetricsWriter, read_metrics
+
+  def log(steps, resume_step=None):
+    w = MetricsWriter(str(tmp_path), resume_step=resume_step)
+    for s in steps:
+      w.write(s, {"loss": float(s)})
+    w.close()
+
+  log([0, 1, 2, 3])                 # killed after step 3, last checkpoint at 2
+  log([3, 4], resume_step=2)
+  assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1, 2, 3, 4]
+  log([0, 1])                       # killed before its first checkpoint: starts afresh
+  assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1]
