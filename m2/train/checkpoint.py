@@ -2,7 +2,7 @@
 
 A checkpoint step holds three items:
   state: the TrainState (params, optimizer state, step, RNG) as plain arrays,
-  data:  the data iterator's state (JSON),
+  data:  each process's data-iterator state (JSON; every host reads its own shard),
   meta:  what the state was built from (model config, ...), to refuse a
          checkpoint of another model before any array is read. How the model
          computes (compute dtype, remat, scan, attention kernel) may change.
@@ -10,13 +10,16 @@ A checkpoint step holds three items:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from m2.model.config import EXECUTION_FIELDS
 
@@ -62,6 +65,33 @@ def _diff_meta(saved: dict, expected: dict, may_change: frozenset[str],
   return out
 
 
+def gather_data_states(state: dict, allgather: Callable = multihost_utils.process_allgather,
+                       num_processes: int | None = None) -> dict:
+  """{"processes": [the data state of process 0, 1, ...]}: only process 0 writes the
+  JSON item, but each host's iterator is at its own position in its own shard."""
+  if (num_processes or jax.process_count()) == 1:
+    return {"processes": [state]}
+  blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  sizes = np.asarray(allgather(np.array([blob.size], np.int64))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  blobs = np.asarray(allgather(padded))
+  return {"processes": [json.loads(bytes(b[:n]).decode()) for b, n in zip(blobs, sizes)]}
+
+
+def own_data_state(saved: dict, index: int | None = None, count: int | None = None) -> dict:
+  """This process's entry of `gather_data_states` (a checkpoint written before it: as is)."""
+  if "processes" not in saved:
+    return saved
+  index = jax.process_index() if index is None else index
+  count = jax.process_count() if count is None else count
+  if len(saved["processes"]) != count:
+    raise CheckpointError(f"the checkpoint holds the data positions of "
+                          f"{len(saved['processes'])} processes and this run has {count}: "
+                          f"each host's data stream cannot resume where it stopped")
+  return saved["processes"][index]
+
+
 class CheckpointError(ValueError):
   """A checkpoint that cannot be restored into the requested state."""
 
@@ -91,7 +121,7 @@ class Checkpointer:
     return self._manager.save(
         int(step),
         args=ocp.args.Composite(state=ocp.args.StandardSave(to_arrays(state)),
-                                data=ocp.args.JsonSave(data_state or {}),
+                                data=ocp.args.JsonSave(gather_data_states(data_state or {})),
                                 meta=ocp.args.JsonSave(meta or {})),
         force=force)
 
@@ -154,7 +184,7 @@ class Checkpointer:
     state = jax.tree.map(lambda t, a: t.replace(a) if _is_var(t) else a,
                          abstract_state, restored["state"], is_leaf=_is_var)
     log.info("restored checkpoint %s/%d", self.directory, step)
-    return state, dict(restored["data"] or {})
+    return state, dict(own_data_state(restored["data"] or {}))
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

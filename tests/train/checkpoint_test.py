@@ -16,6 +16,7 @@ from flax import nnx
 
 from m2 import parallel
 from m2.model import ModelConfig, Transformer
+from m2.train import checkpoint as ckpt_lib
 from m2.train.checkpoint import Checkpointer, CheckpointError
 from m2.train.optimizer import OptimizerConfig, make_optimizer
 from m2.train.state import abstract_train_state, init_train_state
@@ -195,3 +196,21 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     rows = [json.loads(l) for l in f]
   assert [r["step"] for r in rows] == [0] + list(range(2, STEPS + 1, 2))
   assert [r["step"] for r in rows if "eval_loss" in r] == [0, 12, 24]
+
+
+def test_each_host_resumes_its_own_data_position():
+  # Process 0 alone writes the JSON item, so it holds what every host's allgather gave.
+  states = [{"iterator": {"next_index": 3}}, {"iterator": {"next_index": 7, "epoch": "é"}}]
+  blobs = [np.frombuffer(json.dumps(s).encode(), np.uint8) for s in states]
+
+  def allgather(x):   # what jax's process_allgather returns on either host
+    if x.dtype == np.int64:
+      return np.stack([np.array([b.size]) for b in blobs])
+    return np.stack([np.pad(b, (0, x.size - b.size)) for b in blobs])
+
+  saved = ckpt_lib.gather_data_states(states[1], allgather, num_processes=2)
+  assert saved == {"processes": states}
+  assert [ckpt_lib.own_data_state(saved, i, 2) for i in (0, 1)] == states
+  with pytest.raises(CheckpointError, match="2 processes and this run has 4"):
+    ckpt_lib.own_data_state(saved, 0, 4)
+  assert ckpt_lib.own_data_state({"iterator": {"next_index": 3}}) == states[0]   # older
