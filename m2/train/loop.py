@@ -163,6 +163,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, mesh_cfg: MeshConfig, datase
   try:
     while step < cfg.steps:
       batch = next(iterator)
+      rows = len(batch["inputs"]) * jax.process_count()
+      if rows != cfg.batch_size:   # else tokens/s, and the schedule's meaning, are off
+        raise ValueError(f"the dataset's batches have {rows} rows (all hosts); "
+                         f"TrainConfig.batch_size is {cfg.batch_size}")
       batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
                for k, v in batch.items()}
       state, metrics = step_fn(state, batch)

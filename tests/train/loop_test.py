@@ -45,3 +45,9 @@ def test_metrics_of_steps_a_restart_redoes_are_dropped(tmp_path):
   assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1, 2, 3, 4]
   log([0, 1])                       # killed before its first checkpoint: starts afresh
   assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1]
+
+
+def test_batches_of_another_size_than_the_config_are_refused(tmp_path):
+  cfg = TrainConfig(steps=1, batch_size=16, seq_len=8, async_checkpoints=False)
+  with pytest.raises(ValueError, match="batches have 8 rows .*batch_size is 16"):
+    train(CFG, cfg, MeshConfig(), _dataset(), str(tmp_path))
