@@ -228,9 +228,10 @@ def _check_weights(cfg: ModelConfig, reader: _Reader, folder: pathlib.Path) -> N
   # A tied model may still carry its lm_head; the embedding is used, so it must be a copy
   # (transformers unties the two where it is not).
   allowed = {"lm_head.weight"} if cfg.tie_embeddings else set()
-  if allowed & set(available) and "model.embed_tokens.weight" in available and (
-      reader.shape("lm_head.weight") != reader.shape("model.embed_tokens.weight")
-      or not np.array_equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight"))):
+  head, embed = "lm_head.weight", "model.embed_tokens.weight"
+  if allowed & set(available) and embed in available and (
+      reader.shape(head) != reader.shape(embed)
+      or not np.array_equal(reader.get(head), reader.get(embed))):
     raise ValueError(f"HF checkpoint {folder}: {CONFIG_FILE} says tie_word_embeddings=true, "
                      f"but lm_head.weight is not a copy of model.embed_tokens.weight; if the "
                      f"head was trained on its own, set tie_word_embeddings=false")

@@ -260,7 +260,8 @@ class Attention(nnx.Module):
     cfg = self.cfg
     dt = cfg.compute_dtype
     g = cfg.q_per_kv
-    qkv = jnp.einsum("bte,ekgd->btkgd", x, maybe_quant(self.qkv[...], INPUT_AXES["qkv"], cfg.quant).astype(dt))
+    w_qkv = maybe_quant(self.qkv[...], INPUT_AXES["qkv"], cfg.quant).astype(dt)
+    qkv = jnp.einsum("bte,ekgd->btkgd", x, w_qkv)
     if self.qkv_bias is not None:
       qkv = qkv + self.qkv_bias[...].astype(dt)
     qkv = checkpoint_name(qkv, "qkv_proj")  # what remat_policy="qkv_proj" keeps
