@@ -11,6 +11,7 @@ import logging
 import os
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -19,11 +20,15 @@ log = logging.getLogger(__name__)
 class MetricsWriter:
   """Appends `{"step": s, **metrics}` lines. On resume it drops the lines past
   `resume_step` (steps the killed run logged after its last checkpoint, which will be
-  redone); a fresh run (None) drops all (a run killed before its first checkpoint)."""
+  redone); a fresh run (None) drops all (a run killed before its first checkpoint).
+  On several hosts only process 0 writes: the workdir is one folder they share."""
 
   def __init__(self, workdir: str, resume_step: int | None = None):
-    os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if jax.process_index() != 0:
+      return
+    os.makedirs(workdir, exist_ok=True)
     if os.path.exists(self.path):
       kept = [r for r in _read_jsonl(self.path)
               if resume_step is not None and r.get("step", 0) <= resume_step]
@@ -34,6 +39,8 @@ class MetricsWriter:
                              purge_step=0 if resume_step is None else resume_step + 1)
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if self._tb is None:
+      return
     scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": int(step), **scalars}) + "\n")
@@ -41,7 +48,8 @@ class MetricsWriter:
       self._tb.add_scalar(k, v, int(step))
 
   def close(self) -> None:
-    self._tb.close()
+    if self._tb is not None:
+      self._tb.close()
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -51,3 +51,14 @@ def test_batches_of_another_size_than_the_config_are_refused(tmp_path):
   cfg = TrainConfig(steps=1, batch_size=16, seq_len=8, async_checkpoints=False)
   with pytest.raises(ValueError, match="batches have 8 rows .*batch_size is 16"):
     train(CFG, cfg, MeshConfig(), _dataset(), str(tmp_path))
+
+
+def test_on_several_hosts_only_process_0_writes_metrics(tmp_path, monkeypatch):
+  import jax
+
+  from m2.train.metrics import MetricsWriter, read_metrics
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  w = MetricsWriter(str(tmp_path / "run"))
+  w.write(1, {"loss": 2.0})
+  w.close()
+  assert read_metrics(str(tmp_path / "run")) == [] and not (tmp_path / "run").exists()
